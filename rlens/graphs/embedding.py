@@ -1,0 +1,26 @@
+"""The embedding graph: token ids plus image features -> ``inputs_embeds``.
+
+Every image placeholder id in ``input_ids`` is replaced, in row-major order, by the next row of
+``image_features`` (as transformers' ``masked_scatter`` does), so a prompt carries exactly as many
+placeholders as the vision graph produced rows. Decode steps pass zero image rows.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
+
+
+def build_embedding(vocab_size: int, hidden_size: int, image_token_id: int, weights: Weights) -> ir.Model:
+    """input_ids [B, S], image_features [N, d] -> inputs_embeds [B, S, d] (``weights``: ``embed_tokens.weight``)."""
+    b = GraphBuilder("embedding")
+    ids = b.input("input_ids", INT64, ["batch", "sequence"])
+    image_features = b.input("image_features", FLOAT, ["num_image_tokens", hidden_size])
+    is_image = b.op("Equal", ids, b.const(image_token_id))
+    text_ids = b.op("Where", is_image, b.const(0), ids)  # placeholder ids may lie outside the table
+    embeds = b.op("Gather", b.weight(weights.get("embed_tokens.weight")), text_ids, axis=0)  # [B, S, d]
+    positions = b.op("Transpose", b.op("NonZero", is_image), perm=[1, 0])  # [N, 2]
+    b.output(b.op("ScatterND", embeds, positions, image_features), "inputs_embeds", FLOAT,
+             ["batch", "sequence", hidden_size])
+    return b.build("rlens embedding: token ids + image features -> inputs_embeds")
