@@ -145,5 +145,9 @@ def decoder_weights(model: Any) -> TorchWeights:
     return TorchWeights.of(model.model.language_model, **{"lm_head.weight": model.lm_head.weight})
 
 
+def embedding_weights(model: Any) -> TorchWeights:
+    return TorchWeights({"embed_tokens.weight": model.model.language_model.embed_tokens.weight})
+
+
 def vision_weights(model: Any) -> tuple[TorchWeights, TorchWeights]:
     return TorchWeights.of(model.model.vision_tower), TorchWeights.of(model.model.multi_modal_projector)

@@ -1,0 +1,63 @@
+"""``rlens``: one command, one subcommand per job.
+
+    rlens export MODEL_DIR -o OUT_DIR     checkpoint -> artifact directory (also `rlens-export`)
+    rlens run OUT_DIR --image --prompt    answer a question with the exported pipeline
+    rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
+
+User errors print one line and exit 1; torch and transformers are imported only by the
+subcommands that need them, so ``rlens run`` works with the runtime dependencies alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rlens import __version__
+from rlens.cli import export as export_cmd
+from rlens.cli import make_tiny as make_tiny_cmd
+from rlens.cli import run as run_cmd
+from rlens.errors import RlensError
+
+SUBCOMMANDS = (export_cmd, run_cmd, make_tiny_cmd)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlens", description=__doc__.split("\n\n")[0].strip("`: "),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `rlens SUBCOMMAND --help` for the options of each.")
+    p.add_argument("--version", action="version", version=f"rlens {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return p
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except RlensError as e:
+        print(f"rlens: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rlens: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(parser().parse_args(argv))
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``rlens-export``: the same as ``rlens export``."""
+    p = argparse.ArgumentParser(prog="rlens-export", description=export_cmd.DESCRIPTION)
+    export_cmd.add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

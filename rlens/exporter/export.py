@@ -1,0 +1,192 @@
+"""``rlens export``: a LLaVA checkpoint directory in, an artifact directory out.
+
+    load checkpoint (fp32, once) -> build + save vision.onnx, embedding.onnx, decoder.onnx
+    -> processor files + rlens.json -> PyTorch reference on a sample -> free the model
+    -> run the artifact through the runtime and compare -> rename the directory into place
+
+Everything is written into a hidden temporary directory beside the target and renamed only when
+validation passed, so an interrupted or failed export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from tqdm import tqdm
+
+import rlens
+from rlens.errors import RlensError
+from rlens.exporter import checkpoint
+from rlens.exporter.prompt_layout import prompt_layout
+from rlens.exporter.validate import reference_sample, validate
+from rlens.graphs.builder import save
+from rlens.graphs.decoder import build_decoder
+from rlens.graphs.embedding import build_embedding
+from rlens.graphs.vision import build_vision
+from rlens.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    GenerationInfo,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    TensorInfo,
+    TokenizerInfo,
+    write_manifest,
+)
+from rlens.runtime.preprocess import ImageProcessorConfig
+
+log = logging.getLogger("rlens")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    atol: float = 1e-3
+    """Largest accepted difference to PyTorch, relative to max(1, max |reference|)."""
+    progress: bool = True
+
+
+def graph_info(model: ir.Model, files: list[str]) -> GraphInfo:
+    """The manifest entry of a graph: its files and typed IO, read off the graph itself."""
+    def tensors(values: Any) -> list[TensorInfo]:
+        return [TensorInfo(v.name, v.dtype.name.lower(), [d if isinstance(d, int) else str(d) for d in v.shape])
+                for v in values]
+
+    return GraphInfo(file=files[0], data_files=files[1:], inputs=tensors(model.graph.inputs),
+                     outputs=tensors(model.graph.outputs))
+
+
+def write_graph(model: ir.Model, directory: Path, name: str, progress: bool) -> GraphInfo:
+    """Save one graph with a byte progress bar; weights stream to ``<name>.onnx.data``."""
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {name}.onnx", disable=not progress,
+              leave=False) as bar:
+        files = save(model, directory / f"{name}.onnx", progress=bar.update)
+    return graph_info(model, files)
+
+
+def generation_info(model: Any, tokenizer: Any) -> GenerationInfo:
+    """EOS ids and sampling defaults from the checkpoint's generation config."""
+    g = model.generation_config
+    eos = g.eos_token_id if g.eos_token_id is not None else model.config.text_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if not eos and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    return GenerationInfo(
+        eos_token_ids=[int(e) for e in eos],
+        max_new_tokens=int(g.max_new_tokens or 128),
+        do_sample=bool(g.do_sample),
+        temperature=float(g.temperature or 1.0),
+        top_k=int(g.top_k or 0),
+        top_p=float(g.top_p or 1.0),
+    )
+
+
+def build_manifest(model: Any, processor: Any, graphs: dict[str, GraphInfo], model_dir: Path) -> Manifest:
+    """The manifest of a LLaVA export; the one place that decides what goes into ``rlens.json``."""
+    import transformers
+
+    dec = checkpoint.decoder_spec(model)
+    vis = checkpoint.vision_spec(model)
+    text = model.config.text_config
+    tokenizer = processor.tokenizer
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Manifest(
+        schema_version=SCHEMA_VERSION,
+        rlens_version=rlens.__version__,
+        model=ModelInfo(
+            architecture="llava", text_backbone=text.model_type, hidden_size=dec.hidden_size,
+            num_layers=dec.num_layers, num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads,
+            head_dim=dec.head_dim, vocab_size=dec.vocab_size, max_context=int(text.max_position_embeddings),
+            image_size=vis.image_size, num_visual_tokens=vis.num_visual_tokens,
+            image_token_id=int(model.config.image_token_id)),
+        graphs=graphs,
+        tokenizer=TokenizerInfo(file="tokenizer.json", bos_token_id=tokenizer.bos_token_id, pad_token_id=int(pad)),
+        prompt=prompt_layout(processor),
+        image_processor=ImageProcessorConfig.from_dict(processor.image_processor.to_dict()),
+        generation=generation_info(model, tokenizer),
+        source={"model_dir": model_dir.name, "transformers_version": transformers.__version__},
+    )
+
+
+def load_processor(model_dir: Path) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise RlensError(f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint "
+                         "needs its tokenizer and image processor files, as processor.save_pretrained writes "
+                         "them") from e
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise RlensError(f"'{model_dir}' has no LLaVA processor (tokenizer + image processor); save one with "
+                         "processor.save_pretrained")
+    return processor
+
+
+def write_graphs(model: Any, directory: Path, progress: bool) -> dict[str, GraphInfo]:
+    """Build and save the three graphs, one at a time, so only one graph's nodes are alive at once."""
+    text = model.config.text_config
+    builders: dict[str, Callable[[], ir.Model]] = {
+        "vision": lambda: build_vision(checkpoint.vision_spec(model), *checkpoint.vision_weights(model)),
+        "embedding": lambda: build_embedding(
+            text.vocab_size, text.hidden_size, int(model.config.image_token_id),
+            checkpoint.embedding_weights(model)),
+        "decoder": lambda: build_decoder(checkpoint.decoder_spec(model), checkpoint.decoder_weights(model)),
+    }
+    graphs = {}
+    for name, build in builders.items():
+        log.info("building %s.onnx", name)
+        graphs[name] = write_graph(build(), directory, name, progress)
+    return graphs
+
+
+def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> Manifest:
+    """Export a LLaVA checkpoint to an artifact directory; returns the manifest written."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    checkpoint.read_config(model_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise RlensError(f"'{out_dir}' exists and is not an rlens artifact; choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+    try:
+        log.info("loading %s", model_dir)
+        model = checkpoint.load_model(model_dir)
+        processor = load_processor(model_dir)
+        graphs = write_graphs(model, work, options.progress)
+        processor.save_pretrained(work)
+        manifest = build_manifest(model, processor, graphs, model_dir)
+        write_manifest(manifest, work)
+        log.info("computing the PyTorch reference on a sample")
+        sample = reference_sample(model, work, manifest)
+        del model
+        gc.collect()
+        log.info("validating the artifact against it")
+        manifest = replace(manifest, validation=validate(work, sample, options.atol))
+        write_manifest(manifest, work)
+        _move_into_place(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` (absent, empty, or an older artifact) by ``work`` with renames only."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{work.name.rsplit('-', 1)[-1]}")
+        out_dir.rename(old)
+        work.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out_dir)

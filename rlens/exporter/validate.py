@@ -1,0 +1,87 @@
+"""Checking a freshly written artifact against the PyTorch model it came from (like optimum's --atol).
+
+The reference numbers are computed while the PyTorch model is loaded; the model is then freed
+before ONNX Runtime loads the graphs, so validation never holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from rlens.errors import RlensError
+from rlens.manifest import Manifest, ValidationInfo
+from rlens.runtime.preprocess import preprocess
+from rlens.runtime.prompt import PromptEncoder
+
+SAMPLE_PROMPT = "Describe the image in detail."
+
+
+@dataclass
+class Sample:
+    """A generated input (noise image, fixed question) and the PyTorch model's outputs on it."""
+
+    image: Image.Image
+    prompt_ids: list[int]
+    image_features: np.ndarray  # [V, d]
+    prefill_logits: np.ndarray  # [vocab]
+    next_token: int
+    decode_logits: np.ndarray  # [vocab]
+
+
+def sample_image(size: int, seed: int = 0) -> Image.Image:
+    """A deterministic noise image, deliberately not square so resize and crop are exercised."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size + 11, size + 5, 3), dtype=np.uint8))
+
+
+def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest) -> Sample:
+    """Run the PyTorch model on the sample, laid out exactly as the runtime lays it out."""
+    import torch
+
+    image = sample_image(manifest.model.image_size)
+    encoder = PromptEncoder(artifact_dir, manifest)
+    ids = encoder.encode(SAMPLE_PROMPT, manifest.model.num_visual_tokens)
+    pixels = torch.from_numpy(preprocess(image, manifest.image_processor))
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
+        prefill = out.logits[0, -1]
+        token = int(prefill.argmax())
+        step = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True,
+                     attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long))
+    return Sample(image=image, prompt_ids=ids, image_features=features.numpy(), prefill_logits=prefill.numpy(),
+                  next_token=token, decode_logits=step.logits[0, -1].numpy())
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / max(1, max |expected|): absolute for small values, relative for large."""
+    return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
+
+
+def validate(artifact_dir: Path, sample: Sample, atol: float) -> ValidationInfo:
+    """Run the artifact through the runtime on the sample; refuse it when it diverges beyond ``atol``."""
+    from rlens.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(artifact_dir)
+    features = pipeline.encode_images([sample.image])
+    logits, state = pipeline.prefill([sample.prompt_ids], features)
+    step = pipeline.decode_one_token(np.array([sample.next_token]), state)
+    info = ValidationInfo(
+        atol=atol,
+        image_features_max_diff=relative_error(features, sample.image_features),
+        prefill_logits_max_diff=relative_error(logits[0], sample.prefill_logits),
+        decode_logits_max_diff=relative_error(step[0], sample.decode_logits),
+    )
+    worst = max(info.image_features_max_diff, info.prefill_logits_max_diff, info.decode_logits_max_diff)
+    if not worst <= atol:  # also catches NaN
+        raise RlensError(
+            f"the exported graphs diverge from the PyTorch model: image features {info.image_features_max_diff:.2e}, "
+            f"prefill logits {info.prefill_logits_max_diff:.2e}, decode logits {info.decode_logits_max_diff:.2e} "
+            f"> --atol {atol:g}; nothing was written (report this with the checkpoint's config.json)")
+    return info

@@ -1,0 +1,232 @@
+"""The runtime: an artifact directory in, answers out, with ONNX Runtime only.
+
+    image --preprocess--> pixel_values --vision--> image_features --+
+    question --PromptEncoder--> prompt_ids -------------------------+--embedding--> inputs_embeds
+    inputs_embeds --decoder (prefill)--> logits, KV cache --sample--> token
+    token --embedding--> --decoder (decode_one_token)--> ... until EOS or max_new_tokens
+
+Read top to bottom: ``encode_images``, ``prefill``, ``decode_one_token``, ``generate_tokens``,
+``generate_batch``. Everything the pipeline needs to know comes from ``rlens.json``. This module
+imports no torch and no transformers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rlens.errors import RlensError
+from rlens.manifest import Manifest, read_manifest
+from rlens.runtime.preprocess import ImageInput, preprocess
+from rlens.runtime.prompt import PromptEncoder, stream_text
+from rlens.runtime.sampling import SamplingOptions, sample
+from rlens.runtime.sessions import open_session
+
+
+@dataclass
+class Generation:
+    """One answer and how it was produced."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    num_visual_tokens: int
+    ttft_ms: float
+    decode_tokens_per_s: float
+    finish_reason: str  # "eos" or "length"
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DecoderState:
+    """The KV cache of a batch in flight and its attention mask; both grow by one position a step."""
+
+    attention_mask: np.ndarray  # [B, T] int64, 0 on left padding
+    positions: np.ndarray  # [B, 1] int64, position id of the last token fed
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    """Wall-clock marks of one generation (``time.perf_counter`` seconds)."""
+
+    start: float
+    first_token: float = 0.0
+    end: float = 0.0
+
+
+class Pipeline:
+    """An exported LLaVA pipeline: ``Pipeline.load(dir).generate(image, prompt)``."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, provider: str) -> None:
+        self.artifact_dir = artifact_dir
+        self.manifest = manifest
+        self.provider = provider
+        graphs = manifest.graphs
+        for name in ("vision", "embedding", "decoder"):
+            if name not in graphs:
+                raise RlensError(f"the manifest of '{artifact_dir}' names no '{name}' graph; re-export the model")
+        self.vision = open_session(artifact_dir / graphs["vision"].file, provider)
+        self.embedding = open_session(artifact_dir / graphs["embedding"].file, provider)
+        self.decoder = open_session(artifact_dir / graphs["decoder"].file, provider)
+        self.prompts = PromptEncoder(artifact_dir, manifest)
+        self.image_config = manifest.image_processor
+        self.hidden_size = manifest.model.hidden_size
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, provider: str = "cpu") -> Pipeline:
+        """Open an artifact directory written by ``rlens export`` on ``cpu``, ``cuda`` or ``tensorrt``."""
+        directory = Path(artifact_dir)
+        return cls(directory, read_manifest(directory), provider)
+
+    # -- the stages ------------------------------------------------------------------------------
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """Images -> projected features, one row per visual token: [num_images * V, d]."""
+        pixel_values = preprocess(list(images), self.image_config)
+        (features,) = self.vision.run(None, {"pixel_values": pixel_values})
+        return features.reshape(-1, self.hidden_size)
+
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        if image_features is None:
+            image_features = np.zeros((0, self.hidden_size), np.float32)
+        (embeds,) = self.embedding.run(None, {"input_ids": input_ids, "image_features": image_features})
+        return embeds
+
+    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, state: DecoderState) -> np.ndarray:
+        """One decoder call over ``embeds`` [B, S, d]; extends the cache; returns last logits [B, vocab]."""
+        feeds = {"inputs_embeds": embeds, "attention_mask": state.attention_mask, "position_ids": positions}
+        if not state.cache:
+            m = self.manifest.model
+            empty = np.zeros((embeds.shape[0], m.num_kv_heads, 0, m.head_dim), np.float32)
+            state.cache = {name: empty for name in self.cache_names}
+        feeds.update(state.cache)
+        logits, *presents = self.decoder.run(None, feeds)
+        state.cache = dict(zip(self.cache_names, presents))
+        state.positions = positions[:, -1:]
+        return logits[:, -1, :]
+
+    def prefill(self, prompts: list[list[int]], image_features: np.ndarray | None
+                ) -> tuple[np.ndarray, DecoderState]:
+        """Left-pad the prompts into one batch and run it through the decoder in one call."""
+        longest = max(len(p) for p in prompts)
+        pad = self.manifest.tokenizer.pad_token_id
+        ids = np.array([[pad] * (longest - len(p)) + p for p in prompts], dtype=np.int64)
+        mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+        positions = np.maximum(mask.cumsum(-1) - 1, 0)  # count real tokens only, as transformers does
+        state = DecoderState(attention_mask=mask, positions=positions[:, -1:])
+        return self.run_decoder(self.embed(ids, image_features), positions, state), state
+
+    def decode_one_token(self, tokens: np.ndarray, state: DecoderState) -> np.ndarray:
+        """Feed one token per row [B]; returns the next logits [B, vocab]."""
+        ones = np.ones((tokens.shape[0], 1), np.int64)
+        state.attention_mask = np.concatenate([state.attention_mask, ones], axis=1)
+        return self.run_decoder(self.embed(tokens[:, None]), state.positions + 1, state)
+
+    # -- generation ------------------------------------------------------------------------------
+    def encode_prompts(self, images: Sequence[ImageInput | None], prompts: Sequence[str]
+                       ) -> tuple[list[list[int]], np.ndarray | None, int]:
+        """Prompt ids per row and the image features of the rows that have an image."""
+        if len(images) != len(prompts):
+            raise RlensError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) each")
+        given = [im for im in images if im is not None]
+        features = self.encode_images(given) if given else None
+        visual = self.manifest.model.num_visual_tokens
+        ids = [self.prompts.encode(p, visual if im is not None else None) for im, p in zip(images, prompts)]
+        context = self.manifest.model.max_context
+        for row in ids:
+            if len(row) >= context:
+                raise RlensError(f"the prompt is {len(row)} tokens ({visual} of them visual) and the model's "
+                                 f"context is {context}; shorten the prompt")
+        return ids, features, (visual if given else 0)
+
+    def generate_tokens(self, prompts: list[list[int]], image_features: np.ndarray | None,
+                        max_new_tokens: int, options: SamplingOptions, seed: int | None, timings: Timings
+                        ) -> Iterator[np.ndarray]:
+        """Yield the next token of every row until all rows hit EOS or ``max_new_tokens``."""
+        rng = np.random.default_rng(seed)
+        eos = np.array(self.manifest.generation.eos_token_ids, dtype=np.int64)
+        budget = min(max_new_tokens, self.manifest.model.max_context - max(len(p) for p in prompts))
+        logits, state = self.prefill(prompts, image_features)
+        done = np.zeros(len(prompts), dtype=bool)
+        for step in range(budget):
+            if step:
+                logits = self.decode_one_token(token, state)
+            token = sample(logits, options, rng)
+            token = np.where(done, self.manifest.tokenizer.pad_token_id, token)
+            if step == 0:
+                timings.first_token = time.perf_counter()
+            yield token
+            done |= np.isin(token, eos)
+            if done.all():
+                break
+
+    def generate_batch(self, images: Sequence[ImageInput | None], prompts: Sequence[str],
+                       max_new_tokens: int | None = None, *, do_sample: bool | None = None,
+                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                       seed: int | None = None) -> list[Generation]:
+        """Answer several (image, prompt) pairs in one left-padded batch; each row as if alone."""
+        timings = Timings(start=time.perf_counter())
+        options = self.sampling_options(do_sample, temperature, top_k, top_p)
+        max_new = max_new_tokens if max_new_tokens is not None else self.manifest.generation.max_new_tokens
+        prompt_ids, features, visual = self.encode_prompts(images, prompts)
+        steps = list(self.generate_tokens(prompt_ids, features, max_new, options, seed, timings))
+        timings.end = time.perf_counter()
+        eos = set(self.manifest.generation.eos_token_ids)
+        results = []
+        for row, ids in enumerate(prompt_ids):
+            tokens: list[int] = []
+            for step in steps:
+                tokens.append(int(step[row]))
+                if tokens[-1] in eos:
+                    break
+            results.append(Generation(
+                text=self.prompts.decode(tokens), token_ids=tokens, prompt_ids=ids,
+                num_visual_tokens=visual if images[row] is not None else 0,
+                ttft_ms=(timings.first_token - timings.start) * 1e3,
+                decode_tokens_per_s=_rate(len(steps) - 1, timings.end - timings.first_token),
+                finish_reason="eos" if tokens and tokens[-1] in eos else "length"))
+        return results
+
+    def generate(self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None,
+                 **options: object) -> Generation:
+        """Answer one question about one image (or none); options as ``generate_batch``."""
+        return self.generate_batch([image], [prompt], max_new_tokens, **options)[0]  # type: ignore[arg-type]
+
+    def stream(self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, *,
+               do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens are generated."""
+        options = self.sampling_options(do_sample, temperature, top_k, top_p)
+        max_new = max_new_tokens if max_new_tokens is not None else self.manifest.generation.max_new_tokens
+        prompt_ids, features, _ = self.encode_prompts([image], [prompt])
+        eos = set(self.manifest.generation.eos_token_ids)
+        steps = self.generate_tokens(prompt_ids, features, max_new, options, seed, Timings(time.perf_counter()))
+        yield from stream_text(self.prompts, (int(t[0]) for t in steps if int(t[0]) not in eos))
+
+    def sampling_options(self, do_sample: bool | None, temperature: float | None, top_k: int | None,
+                         top_p: float | None) -> SamplingOptions:
+        """Explicit arguments over the checkpoint's generation defaults from the manifest."""
+        g = self.manifest.generation
+        options = SamplingOptions(
+            do_sample=g.do_sample if do_sample is None else do_sample,
+            temperature=g.temperature if temperature is None else temperature,
+            top_k=g.top_k if top_k is None else top_k,
+            top_p=g.top_p if top_p is None else top_p)
+        if options.temperature <= 0 or not 0 < options.top_p <= 1 or options.top_k < 0:
+            raise RlensError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        return options
+
+    @property
+    def cache_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kv}" for i in range(self.manifest.model.num_layers)
+                for kv in ("key", "value")]
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if count > 0 and seconds > 0 else 0.0
