@@ -162,16 +162,20 @@ def _parse(cls: Any, value: Any, where: str) -> Any:
         unknown = sorted(set(value) - names)
         if unknown:
             raise RlensError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(value))
         if missing:
             raise RlensError(f"{where}: missing key(s) {', '.join(missing)}")
         return cls(**{k: _parse(hints[k], v, f"{where}.{k}") for k, v in value.items()})
     if cls is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if cls in (int, float, str, bool) and not (isinstance(value, cls) and
-                                                 (cls is bool or not isinstance(value, bool))):
+    if cls in (int, float, str, bool) and not (
+        isinstance(value, cls) and (cls is bool or not isinstance(value, bool))
+    ):
         raise RlensError(f"{where}: expected {cls.__name__}, got {value!r}")
     return value
 
@@ -179,8 +183,10 @@ def _parse(cls: Any, value: Any, where: str) -> Any:
 def manifest_from_dict(data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise RlensError(f"{where} has schema version {version}, this rlens reads version {SCHEMA_VERSION}; "
-                         "re-export the model with this rlens")
+        raise RlensError(
+            f"{where} has schema version {version}, this rlens reads version {SCHEMA_VERSION}; "
+            "re-export the model with this rlens"
+        )
     return _parse(Manifest, data, where)
 
 
@@ -191,7 +197,9 @@ def read_manifest(artifact_dir: str | Path) -> Manifest:
     if not directory.is_dir():
         raise RlensError(f"artifact directory '{directory}' does not exist; create one with `rlens export`")
     if not path.is_file():
-        raise RlensError(f"'{directory}' has no {MANIFEST_NAME}; it is not an rlens artifact (run `rlens export`)")
+        raise RlensError(
+            f"'{directory}' has no {MANIFEST_NAME}; it is not an rlens artifact (run `rlens export`)"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -7,18 +7,29 @@ import json
 
 from rlens.cli.tables import print_table
 
-DESCRIPTION = ("Export a local transformers LLaVA checkpoint (LLaMA, Mistral or Qwen2 text backbone) to an "
-               "artifact directory: vision.onnx, embedding.onnx, decoder.onnx, rlens.json and the tokenizer "
-               "and processor files. The graphs are checked against the PyTorch model before the directory "
-               "appears.")
+DESCRIPTION = (
+    "Export a local transformers LLaVA checkpoint (LLaMA, Mistral or Qwen2 text backbone) to an "
+    "artifact directory: vision.onnx, embedding.onnx, decoder.onnx, rlens.json and the tokenizer "
+    "and processor files. The graphs are checked against the PyTorch model before the directory "
+    "appears."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory as save_pretrained writes it")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
-                   help="artifact directory to write (an existing artifact there is replaced)")
-    p.add_argument("--atol", type=float, default=1e-3,
-                   help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default 1e-3)")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT_DIR",
+        help="artifact directory to write (an existing artifact there is replaced)",
+    )
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-3,
+        help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default 1e-3)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -38,19 +49,35 @@ def run(args: argparse.Namespace) -> int:
         "output": args.output,
         "graphs": {name: g.file for name, g in manifest.graphs.items()},
         "num_visual_tokens": manifest.model.num_visual_tokens,
-        "validation": {"image_features": v.image_features_max_diff, "prefill_logits": v.prefill_logits_max_diff,
-                       "decode_logits": v.decode_logits_max_diff, "atol": v.atol},
+        "validation": {
+            "image_features": v.image_features_max_diff,
+            "prefill_logits": v.prefill_logits_max_diff,
+            "decode_logits": v.decode_logits_max_diff,
+            "atol": v.atol,
+        },
     }
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"exported {args.model_dir} -> {args.output}")
-    print_table(["graph", "file", "inputs", "outputs"],
-                [[name, g.file, ", ".join(t.name for t in g.inputs[:3]) + (" ..." if len(g.inputs) > 3 else ""),
-                  ", ".join(t.name for t in g.outputs[:2]) + (" ..." if len(g.outputs) > 2 else "")]
-                 for name, g in manifest.graphs.items()])
-    print_table(["validated against PyTorch", "max difference"],
-                [["image features", f"{v.image_features_max_diff:.2e}"],
-                 ["prefill logits", f"{v.prefill_logits_max_diff:.2e}"],
-                 ["decode logits", f"{v.decode_logits_max_diff:.2e}"]])
+    print_table(
+        ["graph", "file", "inputs", "outputs"],
+        [
+            [
+                name,
+                g.file,
+                ", ".join(t.name for t in g.inputs[:3]) + (" ..." if len(g.inputs) > 3 else ""),
+                ", ".join(t.name for t in g.outputs[:2]) + (" ..." if len(g.outputs) > 2 else ""),
+            ]
+            for name, g in manifest.graphs.items()
+        ],
+    )
+    print_table(
+        ["validated against PyTorch", "max difference"],
+        [
+            ["image features", f"{v.image_features_max_diff:.2e}"],
+            ["prefill logits", f"{v.prefill_logits_max_diff:.2e}"],
+            ["decode logits", f"{v.decode_logits_max_diff:.2e}"],
+        ],
+    )
     return 0

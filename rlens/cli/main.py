@@ -25,9 +25,12 @@ SUBCOMMANDS = (export_cmd, run_cmd, make_tiny_cmd)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlens", description=__doc__.split("\n\n")[0].strip("`: "),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Run `rlens SUBCOMMAND --help` for the options of each.")
+    p = argparse.ArgumentParser(
+        prog="rlens",
+        description=__doc__.split("\n\n")[0].strip("`: "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `rlens SUBCOMMAND --help` for the options of each.",
+    )
     p.add_argument("--version", action="version", version=f"rlens {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for module in SUBCOMMANDS:
@@ -36,8 +39,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args) or 0)
     except RlensError as e:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-DESCRIPTION = ("Write a tiny random-initialized LLaVA checkpoint (model, tokenizer, image processor, chat "
-               "template) with save_pretrained, to try rlens without downloading a model. Its answers are "
-               "gibberish: it exercises the pipeline, not accuracy.")
+DESCRIPTION = (
+    "Write a tiny random-initialized LLaVA checkpoint (model, tokenizer, image processor, chat "
+    "template) with save_pretrained, to try rlens without downloading a model. Its answers are "
+    "gibberish: it exercises the pipeline, not accuracy."
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rlens.tiny import TinySpec, make_tiny_llava
 
-    path = make_tiny_llava(args.output, TinySpec(backbone=args.backbone, num_layers=args.layers, seed=args.seed))
+    path = make_tiny_llava(
+        args.output, TinySpec(backbone=args.backbone, num_layers=args.layers, seed=args.seed)
+    )
     print(f"wrote a tiny {args.backbone} LLaVA checkpoint to {path}")
     return 0

@@ -11,6 +11,6 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
     line = "  ".join("-" * w for w in widths)
     print()
     for i, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             print(line)

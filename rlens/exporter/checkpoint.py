@@ -7,7 +7,6 @@ windows, head_dim, rope), never through flags threaded into the graph code.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,23 +49,31 @@ class TorchWeights(Weights):
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's config.json, refusing anything that is not a supported LLaVA."""
     if not model_dir.is_dir():
-        raise RlensError(f"model directory '{model_dir}' does not exist; give a local LLaVA checkpoint "
-                         "directory (as save_pretrained writes it)")
+        raise RlensError(
+            f"model directory '{model_dir}' does not exist; give a local LLaVA checkpoint "
+            "directory (as save_pretrained writes it)"
+        )
     path = model_dir / "config.json"
     if not path.is_file():
-        raise RlensError(f"'{model_dir}' has no config.json; give a LLaVA checkpoint directory "
-                         "(as save_pretrained writes it)")
+        raise RlensError(
+            f"'{model_dir}' has no config.json; give a LLaVA checkpoint directory "
+            "(as save_pretrained writes it)"
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RlensError(f"cannot read '{path}': {e}") from e
     model_type = config.get("model_type")
     if model_type != "llava":
-        raise RlensError(f"'{model_dir}' holds a '{model_type}' model, not LLaVA; rlens exports "
-                         "LlavaForConditionalGeneration checkpoints")
+        raise RlensError(
+            f"'{model_dir}' holds a '{model_type}' model, not LLaVA; rlens exports "
+            "LlavaForConditionalGeneration checkpoints"
+        )
     text_type = config.get("text_config", {}).get("model_type", "llama")
     if text_type not in TEXT_BACKBONES:
-        raise RlensError(f"text backbone '{text_type}' is not supported; supported: {', '.join(TEXT_BACKBONES)}")
+        raise RlensError(
+            f"text backbone '{text_type}' is not supported; supported: {', '.join(TEXT_BACKBONES)}"
+        )
     vision_type = config.get("vision_config", {}).get("model_type", "clip_vision_model")
     if vision_type not in VISION_TOWERS:
         raise RlensError(f"vision tower '{vision_type}' is not supported; supported: CLIP ViT")
@@ -92,8 +99,10 @@ def decoder_spec(model: Any) -> DecoderSpec:
     rotary = model.model.language_model.rotary_emb
     rope_type = getattr(rotary, "rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
-        raise RlensError(f"rope type '{rope_type}' depends on the sequence length and cannot be baked into "
-                         f"a static graph; supported: {', '.join(STATIC_ROPE_TYPES)}")
+        raise RlensError(
+            f"rope type '{rope_type}' depends on the sequence length and cannot be baked into "
+            f"a static graph; supported: {', '.join(STATIC_ROPE_TYPES)}"
+        )
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # Mistral: one window for every layer when set; LLaMA: none

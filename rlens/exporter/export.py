@@ -56,19 +56,27 @@ class ExportOptions:
 
 def graph_info(model: ir.Model, files: list[str]) -> GraphInfo:
     """The manifest entry of a graph: its files and typed IO, read off the graph itself."""
-    def tensors(values: Any) -> list[TensorInfo]:
-        return [TensorInfo(v.name, v.dtype.name.lower(), [d if isinstance(d, int) else str(d) for d in v.shape])
-                for v in values]
 
-    return GraphInfo(file=files[0], data_files=files[1:], inputs=tensors(model.graph.inputs),
-                     outputs=tensors(model.graph.outputs))
+    def tensors(values: Any) -> list[TensorInfo]:
+        return [
+            TensorInfo(v.name, v.dtype.name.lower(), [d if isinstance(d, int) else str(d) for d in v.shape])
+            for v in values
+        ]
+
+    return GraphInfo(
+        file=files[0],
+        data_files=files[1:],
+        inputs=tensors(model.graph.inputs),
+        outputs=tensors(model.graph.outputs),
+    )
 
 
 def write_graph(model: ir.Model, directory: Path, name: str, progress: bool) -> GraphInfo:
     """Save one graph with a byte progress bar; weights stream to ``<name>.onnx.data``."""
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {name}.onnx", disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"writing {name}.onnx", disable=not progress, leave=False
+    ) as bar:
         files = save(model, directory / f"{name}.onnx", progress=bar.update)
     return graph_info(model, files)
 
@@ -105,13 +113,23 @@ def build_manifest(model: Any, processor: Any, graphs: dict[str, GraphInfo], mod
         schema_version=SCHEMA_VERSION,
         rlens_version=rlens.__version__,
         model=ModelInfo(
-            architecture="llava", text_backbone=text.model_type, hidden_size=dec.hidden_size,
-            num_layers=dec.num_layers, num_heads=dec.num_heads, num_kv_heads=dec.num_kv_heads,
-            head_dim=dec.head_dim, vocab_size=dec.vocab_size, max_context=int(text.max_position_embeddings),
-            image_size=vis.image_size, num_visual_tokens=vis.num_visual_tokens,
-            image_token_id=int(model.config.image_token_id)),
+            architecture="llava",
+            text_backbone=text.model_type,
+            hidden_size=dec.hidden_size,
+            num_layers=dec.num_layers,
+            num_heads=dec.num_heads,
+            num_kv_heads=dec.num_kv_heads,
+            head_dim=dec.head_dim,
+            vocab_size=dec.vocab_size,
+            max_context=int(text.max_position_embeddings),
+            image_size=vis.image_size,
+            num_visual_tokens=vis.num_visual_tokens,
+            image_token_id=int(model.config.image_token_id),
+        ),
         graphs=graphs,
-        tokenizer=TokenizerInfo(file="tokenizer.json", bos_token_id=tokenizer.bos_token_id, pad_token_id=int(pad)),
+        tokenizer=TokenizerInfo(
+            file="tokenizer.json", bos_token_id=tokenizer.bos_token_id, pad_token_id=int(pad)
+        ),
         prompt=prompt_layout(processor),
         image_processor=ImageProcessorConfig.from_dict(processor.image_processor.to_dict()),
         generation=generation_info(model, tokenizer),
@@ -125,12 +143,16 @@ def load_processor(model_dir: Path) -> Any:
     try:
         processor = AutoProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as e:
-        raise RlensError(f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint "
-                         "needs its tokenizer and image processor files, as processor.save_pretrained writes "
-                         "them") from e
+        raise RlensError(
+            f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint "
+            "needs its tokenizer and image processor files, as processor.save_pretrained writes "
+            "them"
+        ) from e
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise RlensError(f"'{model_dir}' has no LLaVA processor (tokenizer + image processor); save one with "
-                         "processor.save_pretrained")
+        raise RlensError(
+            f"'{model_dir}' has no LLaVA processor (tokenizer + image processor); save one with "
+            "processor.save_pretrained"
+        )
     return processor
 
 
@@ -140,8 +162,11 @@ def write_graphs(model: Any, directory: Path, progress: bool) -> dict[str, Graph
     builders: dict[str, Callable[[], ir.Model]] = {
         "vision": lambda: build_vision(checkpoint.vision_spec(model), *checkpoint.vision_weights(model)),
         "embedding": lambda: build_embedding(
-            text.vocab_size, text.hidden_size, int(model.config.image_token_id),
-            checkpoint.embedding_weights(model)),
+            text.vocab_size,
+            text.hidden_size,
+            int(model.config.image_token_id),
+            checkpoint.embedding_weights(model),
+        ),
         "decoder": lambda: build_decoder(checkpoint.decoder_spec(model), checkpoint.decoder_weights(model)),
     }
     graphs = {}

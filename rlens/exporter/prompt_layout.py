@@ -16,8 +16,10 @@ PLACEHOLDER = "RLENSPROMPTPLACEHOLDER"
 
 def _split(rendered: str) -> tuple[str, str]:
     if rendered.count(PLACEHOLDER) != 1:
-        raise RlensError("the checkpoint's chat template does not pass the user's text through unchanged; "
-                         "rlens cannot lay out prompts for it")
+        raise RlensError(
+            "the checkpoint's chat template does not pass the user's text through unchanged; "
+            "rlens cannot lay out prompts for it"
+        )
     prefix, suffix = rendered.split(PLACEHOLDER)
     return prefix, suffix
 
@@ -28,8 +30,15 @@ def prompt_layout(processor: Any) -> PromptInfo:
     image_token = getattr(processor, "image_token", None) or "<image>"
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if not template:
-        return PromptInfo(image_token=image_token, image_prefix=f"{image_token}\n", image_suffix="",
-                          text_prefix="", text_suffix="", add_special_tokens=True, chat_template=False)
+        return PromptInfo(
+            image_token=image_token,
+            image_prefix=f"{image_token}\n",
+            image_suffix="",
+            text_prefix="",
+            text_suffix="",
+            add_special_tokens=True,
+            chat_template=False,
+        )
 
     def render(content: list[dict[str, str]]) -> tuple[str, str]:
         messages = [{"role": "user", "content": content}]
@@ -40,6 +49,12 @@ def prompt_layout(processor: Any) -> PromptInfo:
     bos = tokenizer.bos_token
     # A template that writes the BOS token itself must not get a second one from the tokenizer.
     add_special = not (bos and image_prefix.startswith(bos))
-    return PromptInfo(image_token=image_token, image_prefix=image_prefix, image_suffix=image_suffix,
-                      text_prefix=text_prefix, text_suffix=text_suffix, add_special_tokens=add_special,
-                      chat_template=True)
+    return PromptInfo(
+        image_token=image_token,
+        image_prefix=image_prefix,
+        image_suffix=image_suffix,
+        text_prefix=text_prefix,
+        text_suffix=text_suffix,
+        add_special_tokens=add_special,
+        chat_template=True,
+    )

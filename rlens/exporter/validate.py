@@ -53,10 +53,20 @@ def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest) -> Samp
         out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
         prefill = out.logits[0, -1]
         token = int(prefill.argmax())
-        step = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True,
-                     attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long))
-    return Sample(image=image, prompt_ids=ids, image_features=features.numpy(), prefill_logits=prefill.numpy(),
-                  next_token=token, decode_logits=step.logits[0, -1].numpy())
+        step = model(
+            input_ids=torch.tensor([[token]]),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long),
+        )
+    return Sample(
+        image=image,
+        prompt_ids=ids,
+        image_features=features.numpy(),
+        prefill_logits=prefill.numpy(),
+        next_token=token,
+        decode_logits=step.logits[0, -1].numpy(),
+    )
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -81,7 +91,10 @@ def validate(artifact_dir: Path, sample: Sample, atol: float) -> ValidationInfo:
     worst = max(info.image_features_max_diff, info.prefill_logits_max_diff, info.decode_logits_max_diff)
     if not worst <= atol:  # also catches NaN
         raise RlensError(
-            f"the exported graphs diverge from the PyTorch model: image features {info.image_features_max_diff:.2e}, "
-            f"prefill logits {info.prefill_logits_max_diff:.2e}, decode logits {info.decode_logits_max_diff:.2e} "
-            f"> --atol {atol:g}; nothing was written (report this with the checkpoint's config.json)")
+            "the exported graphs diverge from the PyTorch model: "
+            f"image features {info.image_features_max_diff:.2e}, "
+            f"prefill logits {info.prefill_logits_max_diff:.2e}, "
+            f"decode logits {info.decode_logits_max_diff:.2e} "
+            f"> --atol {atol:g}; nothing was written (report this with the checkpoint's config.json)"
+        )
     return info

@@ -15,8 +15,9 @@ MASKED = float(np.finfo(np.float32).min)
 """Score of a masked pair: finite, so a fully masked (padding) row softmaxes to a uniform row, not NaN."""
 
 
-def rotary_tables(b: GraphBuilder, position_ids: ir.Value, inv_freq: np.ndarray, scaling: float
-                  ) -> tuple[ir.Value, ir.Value]:
+def rotary_tables(
+    b: GraphBuilder, position_ids: ir.Value, inv_freq: np.ndarray, scaling: float
+) -> tuple[ir.Value, ir.Value]:
     """``cos`` and ``sin`` of ``position * inv_freq`` for every head, ``[B, 1, S, D]``.
 
     ``inv_freq`` and ``scaling`` come from transformers' rope initialisation at export time, so
@@ -42,8 +43,9 @@ def apply_rotary(b: GraphBuilder, x: ir.Value, cos: ir.Value, sin: ir.Value, hea
     return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
 
 
-def causal_mask(b: GraphBuilder, attention_mask: ir.Value, new_tokens: ir.Value,
-                sliding_window: int | None = None) -> ir.Value:
+def causal_mask(
+    b: GraphBuilder, attention_mask: ir.Value, new_tokens: ir.Value, sliding_window: int | None = None
+) -> ir.Value:
     """Which key each query may see, ``[B, 1, 1, S, T]`` bool.
 
     Query ``i`` of the chunk sits at cache index ``P + i``; it sees key ``j`` when ``j <= P + i``,
@@ -54,8 +56,9 @@ def causal_mask(b: GraphBuilder, attention_mask: ir.Value, new_tokens: ir.Value,
         total = b.dim(attention_mask, 1)  # [1] = T
         past = b.op("Sub", total, new_tokens)  # [1] = P
         zero, one = b.const(0), b.const(1)
-        q_pos = b.op("Unsqueeze", b.op("Range", b.op("Squeeze", past), b.op("Squeeze", total), one),
-                     b.const([-1]))  # [S, 1]
+        q_pos = b.op(
+            "Unsqueeze", b.op("Range", b.op("Squeeze", past), b.op("Squeeze", total), one), b.const([-1])
+        )  # [S, 1]
         k_pos = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", total), one), b.const([0]))  # [1, T]
         visible = b.op("LessOrEqual", k_pos, q_pos)  # [S, T]
         if sliding_window is not None:
@@ -65,8 +68,16 @@ def causal_mask(b: GraphBuilder, attention_mask: ir.Value, new_tokens: ir.Value,
         return b.op("And", b.op("Unsqueeze", visible, b.const([0, 1, 2])), not_padding)  # [B, 1, 1, S, T]
 
 
-def attention(b: GraphBuilder, q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value | None,
-              num_heads: int, num_kv_heads: int, head_dim: int) -> ir.Value:
+def attention(
+    b: GraphBuilder,
+    q: ir.Value,
+    k: ir.Value,
+    v: ir.Value,
+    mask: ir.Value | None,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> ir.Value:
     """``softmax(q k^T / sqrt(D) | mask) v`` with grouped kv heads; q [B, H, S, D], k/v [B, G, T, D].
 
     ``mask`` (``[B, 1, 1, S, T]``, True = visible) may be None: every query sees every key.

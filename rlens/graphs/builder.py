@@ -131,8 +131,9 @@ class GraphBuilder:
     def weight(self, tensor: ir.TensorProtocol, name: str | None = None) -> ir.Value:
         """An initializer from a weight tensor (written to external data when saved)."""
         name = self._unique(name or tensor.name or "weight")
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
+        value = ir.Value(
+            name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
         self.tape._initializers.append(value)
         return value
 
@@ -142,9 +143,12 @@ class GraphBuilder:
         key = (array.dtype.str, array.tobytes(), array.shape)
         if key not in self._constants:
             name = self._unique(f"const.{array.dtype.name}.{'x'.join(map(str, array.shape)) or 'scalar'}")
-            v = ir.Value(name=name, shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.Tensor(array, name=name))
+            v = ir.Value(
+                name=name,
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                const_value=ir.Tensor(array, name=name),
+            )
             self.tape._initializers.append(v)
             self._constants[key] = v
         return self._constants[key]
@@ -154,11 +158,13 @@ class GraphBuilder:
         """Record one node with a single output."""
         return self.tape.op(op_type, list(inputs), attributes or None, name=self._path(op_type))
 
-    def ops(self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes: object
-            ) -> Sequence[ir.Value]:
+    def ops(
+        self, op_type: str, *inputs: ir.Value | None, num_outputs: int, **attributes: object
+    ) -> Sequence[ir.Value]:
         """Record one node with several outputs (``Split``, ``TopK``)."""
-        return self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs,
-                                      name=self._path(op_type))
+        return self.tape.op_multi_out(
+            op_type, list(inputs), attributes or None, num_outputs=num_outputs, name=self._path(op_type)
+        )
 
     # -- shape helpers used by every graph ------------------------------------------------------
     def dim(self, x: ir.Value, axis: int) -> ir.Value:
@@ -174,9 +180,15 @@ class GraphBuilder:
 
     # -- output ---------------------------------------------------------------------------------
     def build(self, doc: str = "") -> ir.Model:
-        graph = ir.Graph(self.inputs, self.outputs, nodes=self.tape.nodes,
-                         initializers=self.tape.initializers, opset_imports={"": OPSET},
-                         name=self.name, doc_string=doc or None)
+        graph = ir.Graph(
+            self.inputs,
+            self.outputs,
+            nodes=self.tape.nodes,
+            initializers=self.tape.initializers,
+            opset_imports={"": OPSET},
+            name=self.name,
+            doc_string=doc or None,
+        )
         return ir.Model(graph, ir_version=IR_VERSION, producer_name="rlens")
 
 
@@ -192,8 +204,15 @@ def save(model: ir.Model, path: Path, progress: Callable[[int], None] | None = N
         if progress is not None:
             progress(tensor.nbytes)
 
-    ir.save(model, path, external_data=data_name, size_threshold_bytes=1024, callback=callback,
-            max_workers=1, max_in_flight_bytes=1)
+    ir.save(
+        model,
+        path,
+        external_data=data_name,
+        size_threshold_bytes=1024,
+        callback=callback,
+        max_workers=1,
+        max_in_flight_bytes=1,
+    )
     files = [path.name]
     if (path.parent / data_name).exists():
         files.append(data_name)

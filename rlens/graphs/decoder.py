@@ -45,15 +45,23 @@ class DecoderSpec:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
 
-def self_attention(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, spec: DecoderSpec,
-                   rotary: tuple[ir.Value, ir.Value], mask: ir.Value, past: tuple[ir.Value, ir.Value]
-                   ) -> tuple[ir.Value, ir.Value, ir.Value]:
+def self_attention(
+    b: GraphBuilder,
+    x: ir.Value,
+    weights: Weights,
+    prefix: str,
+    spec: DecoderSpec,
+    rotary: tuple[ir.Value, ir.Value],
+    mask: ir.Value,
+    past: tuple[ir.Value, ir.Value],
+) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Q/K/V projections, RoPE, the KV cache append, attention and the output projection.
 
     Returns the attention output [B, S, d] and the present key and value [B, G, P+S, D].
     """
     H, G, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     with b.scope("attn"):
+
         def heads(name: str, n: int) -> ir.Value:  # [B, S, n*D] -> [B, n, S, D]
             y = linear(b, x, weights, f"{prefix}.{name}")
             return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, n, D])), perm=[0, 2, 1, 3])
@@ -69,15 +77,23 @@ def self_attention(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, 
         return linear(b, out, weights, f"{prefix}.o_proj"), k, v
 
 
-def decoder_layer(b: GraphBuilder, x: ir.Value, weights: Weights, i: int, spec: DecoderSpec,
-                  rotary: tuple[ir.Value, ir.Value], mask: ir.Value, past: tuple[ir.Value, ir.Value]
-                  ) -> tuple[ir.Value, ir.Value, ir.Value]:
+def decoder_layer(
+    b: GraphBuilder,
+    x: ir.Value,
+    weights: Weights,
+    i: int,
+    spec: DecoderSpec,
+    rotary: tuple[ir.Value, ir.Value],
+    mask: ir.Value,
+    past: tuple[ir.Value, ir.Value],
+) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Pre-norm residual block: ``x += attn(norm(x)); x += ffn(norm(x))``."""
     prefix = f"layers.{i}"
     with b.scope(prefix):
         h = rms_norm(b, x, weights.get(f"{prefix}.input_layernorm.weight"), spec.rms_norm_eps)
-        attn_out, present_k, present_v = self_attention(b, h, weights, f"{prefix}.self_attn", spec, rotary,
-                                                        mask, past)
+        attn_out, present_k, present_v = self_attention(
+            b, h, weights, f"{prefix}.self_attn", spec, rotary, mask, past
+        )
         x = b.op("Add", x, attn_out)
         h = rms_norm(b, x, weights.get(f"{prefix}.post_attention_layernorm.weight"), spec.rms_norm_eps)
         x = b.op("Add", x, swiglu_ffn(b, h, weights, f"{prefix}.mlp", spec.hidden_act))
@@ -95,23 +111,35 @@ def build_decoder(spec: DecoderSpec, weights: Weights) -> ir.Model:
     x = b.input("inputs_embeds", FLOAT, ["batch", "sequence", spec.hidden_size])
     attention_mask = b.input("attention_mask", INT64, ["batch", "total_sequence"])
     position_ids = b.input("position_ids", INT64, ["batch", "sequence"])
-    past = [(b.input(f"past_key_values.{i}.key", FLOAT, ["batch", G, "past_sequence", D]),
-             b.input(f"past_key_values.{i}.value", FLOAT, ["batch", G, "past_sequence", D]))
-            for i in range(spec.num_layers)]
+    past = [
+        (
+            b.input(f"past_key_values.{i}.key", FLOAT, ["batch", G, "past_sequence", D]),
+            b.input(f"past_key_values.{i}.value", FLOAT, ["batch", G, "past_sequence", D]),
+        )
+        for i in range(spec.num_layers)
+    ]
 
     new_tokens = b.dim(x, 1)
-    masks = {w: causal_mask(b, attention_mask, new_tokens, w)
-             for w in sorted({spec.window(i) for i in range(spec.num_layers)}, key=lambda w: w or 0)}
-    rotary = rotary_tables(b, position_ids, np.asarray(spec.inv_freq, np.float32), spec.rope_attention_scaling)
+    masks = {
+        w: causal_mask(b, attention_mask, new_tokens, w)
+        for w in sorted({spec.window(i) for i in range(spec.num_layers)}, key=lambda w: w or 0)
+    }
+    rotary = rotary_tables(
+        b, position_ids, np.asarray(spec.inv_freq, np.float32), spec.rope_attention_scaling
+    )
 
     presents = []
     for i in range(spec.num_layers):
-        x, present_k, present_v = decoder_layer(b, x, weights, i, spec, rotary, masks[spec.window(i)], past[i])
+        x, present_k, present_v = decoder_layer(
+            b, x, weights, i, spec, rotary, masks[spec.window(i)], past[i]
+        )
         presents.append((present_k, present_v))
 
     with b.scope("final"):
         last = b.op("Slice", x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1]))  # [B, 1, d]
-        logits = linear(b, rms_norm(b, last, weights.get("norm.weight"), spec.rms_norm_eps), weights, "lm_head")
+        logits = linear(
+            b, rms_norm(b, last, weights.get("norm.weight"), spec.rms_norm_eps), weights, "lm_head"
+        )
     b.output(logits, "logits", FLOAT, ["batch", 1, spec.vocab_size])
     for i, (k, v) in enumerate(presents):
         b.output(k, f"present.{i}.key", FLOAT, ["batch", G, "total_sequence", D])

@@ -13,7 +13,10 @@ from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
 
 
 def build_embedding(vocab_size: int, hidden_size: int, image_token_id: int, weights: Weights) -> ir.Model:
-    """input_ids [B, S], image_features [N, d] -> inputs_embeds [B, S, d] (``weights``: ``embed_tokens.weight``)."""
+    """input_ids [B, S], image_features [N, d] -> inputs_embeds [B, S, d].
+
+    ``weights`` holds the token table as ``embed_tokens.weight``.
+    """
     b = GraphBuilder("embedding")
     ids = b.input("input_ids", INT64, ["batch", "sequence"])
     image_features = b.input("image_features", FLOAT, ["num_image_tokens", hidden_size])
@@ -21,6 +24,10 @@ def build_embedding(vocab_size: int, hidden_size: int, image_token_id: int, weig
     text_ids = b.op("Where", is_image, b.const(0), ids)  # placeholder ids may lie outside the table
     embeds = b.op("Gather", b.weight(weights.get("embed_tokens.weight")), text_ids, axis=0)  # [B, S, d]
     positions = b.op("Transpose", b.op("NonZero", is_image), perm=[1, 0])  # [N, 2]
-    b.output(b.op("ScatterND", embeds, positions, image_features), "inputs_embeds", FLOAT,
-             ["batch", "sequence", hidden_size])
+    b.output(
+        b.op("ScatterND", embeds, positions, image_features),
+        "inputs_embeds",
+        FLOAT,
+        ["batch", "sequence", hidden_size],
+    )
     return b.build("rlens embedding: token ids + image features -> inputs_embeds")

@@ -12,5 +12,6 @@ def swiglu_ffn(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, hidd
     """``down(act(gate(x)) * up(x))``: the gated FFN of LLaMA, Mistral and Qwen2."""
     with b.scope("mlp"):
         gate = activation(b, linear(b, x, weights, f"{prefix}.gate_proj"), hidden_act)
-        return linear(b, b.op("Mul", gate, linear(b, x, weights, f"{prefix}.up_proj")), weights,
-                      f"{prefix}.down_proj")
+        return linear(
+            b, b.op("Mul", gate, linear(b, x, weights, f"{prefix}.up_proj")), weights, f"{prefix}.down_proj"
+        )

@@ -32,8 +32,14 @@ def rms_norm(b: GraphBuilder, x: ir.Value, weight: ir.TensorProtocol, eps: float
 
 def layer_norm(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, eps: float) -> ir.Value:
     """LayerNorm over the last axis (``prefix.weight``, ``prefix.bias``)."""
-    return b.op("LayerNormalization", x, b.weight(weights.get(f"{prefix}.weight")),
-                b.weight(weights.get(f"{prefix}.bias")), axis=-1, epsilon=eps)
+    return b.op(
+        "LayerNormalization",
+        x,
+        b.weight(weights.get(f"{prefix}.weight")),
+        b.weight(weights.get(f"{prefix}.bias")),
+        axis=-1,
+        epsilon=eps,
+    )
 
 
 def silu(b: GraphBuilder, x: ir.Value) -> ir.Value:
@@ -50,10 +56,16 @@ def gelu(b: GraphBuilder, x: ir.Value) -> ir.Value:
 def gelu_tanh(b: GraphBuilder, x: ir.Value) -> ir.Value:
     """The tanh approximation of GELU (``gelu_new``, ``gelu_pytorch_tanh``)."""
     cube = b.op("Mul", b.op("Mul", x, x), x)
-    inner = b.op("Mul", b.op("Add", x, b.op("Mul", cube, b.const(0.044715, np.float32))),
-                 b.const(math.sqrt(2 / math.pi), np.float32))
-    return b.op("Mul", b.op("Mul", x, b.const(0.5, np.float32)),
-                b.op("Add", b.op("Tanh", inner), b.const(1.0, np.float32)))
+    inner = b.op(
+        "Mul",
+        b.op("Add", x, b.op("Mul", cube, b.const(0.044715, np.float32))),
+        b.const(math.sqrt(2 / math.pi), np.float32),
+    )
+    return b.op(
+        "Mul",
+        b.op("Mul", x, b.const(0.5, np.float32)),
+        b.op("Add", b.op("Tanh", inner), b.const(1.0, np.float32)),
+    )
 
 
 def quick_gelu(b: GraphBuilder, x: ir.Value) -> ir.Value:

@@ -1,10 +1,10 @@
 """The vision graph: pixel values -> projected image features, one row per visual token.
 
-    pixel_values [B, 3, H, W]
-      -> patch conv + class token + position embeddings -> pre-LayerNorm      (hidden state 0)
-      -> CLIP encoder layers, as many as the selected feature layer needs     (hidden states 1..)
-      -> feature layer(s), CLS dropped ("default" strategy) -> projector MLP
-      -> image_features [B, V, d]
+pixel_values [B, 3, H, W]
+  -> patch conv + class token + position embeddings -> pre-LayerNorm      (hidden state 0)
+  -> CLIP encoder layers, as many as the selected feature layer needs     (hidden states 1..)
+  -> feature layer(s), CLS dropped ("default" strategy) -> projector MLP
+  -> image_features [B, V, d]
 """
 
 from __future__ import annotations
@@ -47,22 +47,31 @@ def patch_embeddings(b: GraphBuilder, pixels: ir.Value, weights: Weights, spec: 
     """Conv patches, the class token in front, learned position embeddings: [B, 1+N, C]."""
     with b.scope("embeddings"):
         p = "embeddings"
-        patches = b.op("Conv", pixels, b.weight(weights.get(f"{p}.patch_embedding.weight")),
-                       strides=[spec.patch_size, spec.patch_size])  # [B, C, h, w]
-        patches = b.op("Transpose", b.op("Reshape", patches, b.const([0, spec.hidden_size, -1])),
-                       perm=[0, 2, 1])  # [B, N, C]
-        cls = b.op("Reshape", b.weight(weights.get(f"{p}.class_embedding")), b.const([1, 1, spec.hidden_size]))
+        patches = b.op(
+            "Conv",
+            pixels,
+            b.weight(weights.get(f"{p}.patch_embedding.weight")),
+            strides=[spec.patch_size, spec.patch_size],
+        )  # [B, C, h, w]
+        patches = b.op(
+            "Transpose", b.op("Reshape", patches, b.const([0, spec.hidden_size, -1])), perm=[0, 2, 1]
+        )  # [B, N, C]
+        cls = b.op(
+            "Reshape", b.weight(weights.get(f"{p}.class_embedding")), b.const([1, 1, spec.hidden_size])
+        )
         cls = b.op("Expand", cls, b.shape_of(b.dim(pixels, 0), 1, spec.hidden_size))  # [B, 1, C]
         x = b.op("Concat", cls, patches, axis=1)
         return b.op("Add", x, b.weight(weights.get(f"{p}.position_embedding.weight")))
 
 
-def vision_self_attention(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, spec: VisionSpec
-                          ) -> ir.Value:
+def vision_self_attention(
+    b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, spec: VisionSpec
+) -> ir.Value:
     """Bidirectional multi-head attention over the patches (no mask, no rotary)."""
     H = spec.num_heads
     D = spec.hidden_size // H
     with b.scope("attn"):
+
         def heads(name: str) -> ir.Value:  # [B, N, C] -> [B, H, N, D]
             y = linear(b, x, weights, f"{prefix}.{name}")
             return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, H, D])), perm=[0, 2, 1, 3])
@@ -76,27 +85,42 @@ def encoder_layer(b: GraphBuilder, x: ir.Value, weights: Weights, i: int, spec: 
     """Pre-norm CLIP block: ``x += attn(ln1(x)); x += fc2(act(fc1(ln2(x))))``."""
     p = f"encoder.layers.{i}"
     with b.scope(f"layers.{i}"):
-        x = b.op("Add", x, vision_self_attention(
-            b, layer_norm(b, x, weights, f"{p}.layer_norm1", spec.layer_norm_eps), weights, f"{p}.self_attn", spec))
+        x = b.op(
+            "Add",
+            x,
+            vision_self_attention(
+                b,
+                layer_norm(b, x, weights, f"{p}.layer_norm1", spec.layer_norm_eps),
+                weights,
+                f"{p}.self_attn",
+                spec,
+            ),
+        )
         h = layer_norm(b, x, weights, f"{p}.layer_norm2", spec.layer_norm_eps)
         with b.scope("mlp"):
-            h = linear(b, activation(b, linear(b, h, weights, f"{p}.mlp.fc1"), spec.hidden_act), weights,
-                       f"{p}.mlp.fc2")
+            h = linear(
+                b,
+                activation(b, linear(b, h, weights, f"{p}.mlp.fc1"), spec.hidden_act),
+                weights,
+                f"{p}.mlp.fc2",
+            )
         return b.op("Add", x, h)
 
 
 def projector(b: GraphBuilder, x: ir.Value, weights: Weights, spec: VisionSpec) -> ir.Value:
     """LLaVA's two-layer MLP from the vision width to the LLM width."""
     with b.scope("projector"):
-        return linear(b, activation(b, linear(b, x, weights, "linear_1"), spec.projector_act), weights,
-                      "linear_2")
+        return linear(
+            b, activation(b, linear(b, x, weights, "linear_1"), spec.projector_act), weights, "linear_2"
+        )
 
 
 def build_vision(spec: VisionSpec, tower: Weights, projector_weights: Weights) -> ir.Model:
     """pixel_values [B, 3, H, W] -> image_features [B, V, d].
 
     ``tower`` holds the CLIP vision model's tensors under transformers' names
-    (``encoder.layers.0.self_attn.q_proj.weight``), ``projector_weights`` the projector's (``linear_1.weight``).
+    (``encoder.layers.0.self_attn.q_proj.weight``), ``projector_weights`` the projector's
+    (``linear_1.weight``).
     Layers above the highest selected feature layer are not built: their output is never used.
     """
     b = GraphBuilder("vision")
@@ -110,6 +134,10 @@ def build_vision(spec: VisionSpec, tower: Weights, projector_weights: Weights) -
     if spec.drop_cls:
         features = [b.op("Slice", f, b.const([1]), b.const([2**62]), b.const([1])) for f in features]
     selected = features[0] if len(features) == 1 else b.op("Concat", *features, axis=-1)
-    b.output(projector(b, selected, projector_weights, spec), "image_features", FLOAT,
-             ["batch", spec.num_visual_tokens, spec.text_hidden_size])
+    b.output(
+        projector(b, selected, projector_weights, spec),
+        "image_features",
+        FLOAT,
+        ["batch", spec.num_visual_tokens, spec.text_hidden_size],
+    )
     return b.build("rlens vision: CLIP tower at the feature layer + LLaVA projector")

@@ -71,7 +71,9 @@ class Pipeline:
         graphs = manifest.graphs
         for name in ("vision", "embedding", "decoder"):
             if name not in graphs:
-                raise RlensError(f"the manifest of '{artifact_dir}' names no '{name}' graph; re-export the model")
+                raise RlensError(
+                    f"the manifest of '{artifact_dir}' names no '{name}' graph; re-export the model"
+                )
         self.vision = open_session(artifact_dir / graphs["vision"].file, provider)
         self.embedding = open_session(artifact_dir / graphs["embedding"].file, provider)
         self.decoder = open_session(artifact_dir / graphs["decoder"].file, provider)
@@ -107,12 +109,13 @@ class Pipeline:
             state.cache = {name: empty for name in self.cache_names}
         feeds.update(state.cache)
         logits, *presents = self.decoder.run(None, feeds)
-        state.cache = dict(zip(self.cache_names, presents))
+        state.cache = dict(zip(self.cache_names, presents, strict=True))
         state.positions = positions[:, -1:]
         return logits[:, -1, :]
 
-    def prefill(self, prompts: list[list[int]], image_features: np.ndarray | None
-                ) -> tuple[np.ndarray, DecoderState]:
+    def prefill(
+        self, prompts: list[list[int]], image_features: np.ndarray | None
+    ) -> tuple[np.ndarray, DecoderState]:
         """Left-pad the prompts into one batch and run it through the decoder in one call."""
         longest = max(len(p) for p in prompts)
         pad = self.manifest.tokenizer.pad_token_id
@@ -129,25 +132,39 @@ class Pipeline:
         return self.run_decoder(self.embed(tokens[:, None]), state.positions + 1, state)
 
     # -- generation ------------------------------------------------------------------------------
-    def encode_prompts(self, images: Sequence[ImageInput | None], prompts: Sequence[str]
-                       ) -> tuple[list[list[int]], np.ndarray | None, int]:
+    def encode_prompts(
+        self, images: Sequence[ImageInput | None], prompts: Sequence[str]
+    ) -> tuple[list[list[int]], np.ndarray | None, int]:
         """Prompt ids per row and the image features of the rows that have an image."""
         if len(images) != len(prompts):
-            raise RlensError(f"{len(images)} images for {len(prompts)} prompts; give one image (or None) each")
+            raise RlensError(
+                f"{len(images)} images for {len(prompts)} prompts; give one image (or None) each"
+            )
         given = [im for im in images if im is not None]
         features = self.encode_images(given) if given else None
         visual = self.manifest.model.num_visual_tokens
-        ids = [self.prompts.encode(p, visual if im is not None else None) for im, p in zip(images, prompts)]
+        ids = [
+            self.prompts.encode(p, visual if im is not None else None)
+            for im, p in zip(images, prompts, strict=True)
+        ]
         context = self.manifest.model.max_context
         for row in ids:
             if len(row) >= context:
-                raise RlensError(f"the prompt is {len(row)} tokens ({visual} of them visual) and the model's "
-                                 f"context is {context}; shorten the prompt")
+                raise RlensError(
+                    f"the prompt is {len(row)} tokens ({visual} of them visual) and the model's "
+                    f"context is {context}; shorten the prompt"
+                )
         return ids, features, (visual if given else 0)
 
-    def generate_tokens(self, prompts: list[list[int]], image_features: np.ndarray | None,
-                        max_new_tokens: int, options: SamplingOptions, seed: int | None, timings: Timings
-                        ) -> Iterator[np.ndarray]:
+    def generate_tokens(
+        self,
+        prompts: list[list[int]],
+        image_features: np.ndarray | None,
+        max_new_tokens: int,
+        options: SamplingOptions,
+        seed: int | None,
+        timings: Timings,
+    ) -> Iterator[np.ndarray]:
         """Yield the next token of every row until all rows hit EOS or ``max_new_tokens``."""
         rng = np.random.default_rng(seed)
         eos = np.array(self.manifest.generation.eos_token_ids, dtype=np.int64)
@@ -155,21 +172,28 @@ class Pipeline:
         logits, state = self.prefill(prompts, image_features)
         done = np.zeros(len(prompts), dtype=bool)
         for step in range(budget):
-            if step:
-                logits = self.decode_one_token(token, state)
             token = sample(logits, options, rng)
-            token = np.where(done, self.manifest.tokenizer.pad_token_id, token)
+            token = np.where(done, self.manifest.tokenizer.pad_token_id, token)  # finished rows idle
             if step == 0:
                 timings.first_token = time.perf_counter()
             yield token
             done |= np.isin(token, eos)
-            if done.all():
+            if done.all() or step == budget - 1:
                 break
+            logits = self.decode_one_token(token, state)
 
-    def generate_batch(self, images: Sequence[ImageInput | None], prompts: Sequence[str],
-                       max_new_tokens: int | None = None, *, do_sample: bool | None = None,
-                       temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                       seed: int | None = None) -> list[Generation]:
+    def generate_batch(
+        self,
+        images: Sequence[ImageInput | None],
+        prompts: Sequence[str],
+        max_new_tokens: int | None = None,
+        *,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]:
         """Answer several (image, prompt) pairs in one left-padded batch; each row as if alone."""
         timings = Timings(start=time.perf_counter())
         options = self.sampling_options(do_sample, temperature, top_k, top_p)
@@ -185,47 +209,69 @@ class Pipeline:
                 tokens.append(int(step[row]))
                 if tokens[-1] in eos:
                     break
-            results.append(Generation(
-                text=self.prompts.decode(tokens), token_ids=tokens, prompt_ids=ids,
-                num_visual_tokens=visual if images[row] is not None else 0,
-                ttft_ms=(timings.first_token - timings.start) * 1e3,
-                decode_tokens_per_s=_rate(len(steps) - 1, timings.end - timings.first_token),
-                finish_reason="eos" if tokens and tokens[-1] in eos else "length"))
+            results.append(
+                Generation(
+                    text=self.prompts.decode(tokens),
+                    token_ids=tokens,
+                    prompt_ids=ids,
+                    num_visual_tokens=visual if images[row] is not None else 0,
+                    ttft_ms=(timings.first_token - timings.start) * 1e3,
+                    decode_tokens_per_s=_rate(len(steps) - 1, timings.end - timings.first_token),
+                    finish_reason="eos" if tokens and tokens[-1] in eos else "length",
+                )
+            )
         return results
 
-    def generate(self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None,
-                 **options: object) -> Generation:
+    def generate(
+        self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, **options: object
+    ) -> Generation:
         """Answer one question about one image (or none); options as ``generate_batch``."""
         return self.generate_batch([image], [prompt], max_new_tokens, **options)[0]  # type: ignore[arg-type]
 
-    def stream(self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, *,
-               do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        image: ImageInput | None,
+        prompt: str,
+        max_new_tokens: int | None = None,
+        *,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         """Yield the answer's text piece by piece as tokens are generated."""
         options = self.sampling_options(do_sample, temperature, top_k, top_p)
         max_new = max_new_tokens if max_new_tokens is not None else self.manifest.generation.max_new_tokens
         prompt_ids, features, _ = self.encode_prompts([image], [prompt])
         eos = set(self.manifest.generation.eos_token_ids)
-        steps = self.generate_tokens(prompt_ids, features, max_new, options, seed, Timings(time.perf_counter()))
+        steps = self.generate_tokens(
+            prompt_ids, features, max_new, options, seed, Timings(time.perf_counter())
+        )
         yield from stream_text(self.prompts, (int(t[0]) for t in steps if int(t[0]) not in eos))
 
-    def sampling_options(self, do_sample: bool | None, temperature: float | None, top_k: int | None,
-                         top_p: float | None) -> SamplingOptions:
+    def sampling_options(
+        self, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None
+    ) -> SamplingOptions:
         """Explicit arguments over the checkpoint's generation defaults from the manifest."""
         g = self.manifest.generation
         options = SamplingOptions(
             do_sample=g.do_sample if do_sample is None else do_sample,
             temperature=g.temperature if temperature is None else temperature,
             top_k=g.top_k if top_k is None else top_k,
-            top_p=g.top_p if top_p is None else top_p)
+            top_p=g.top_p if top_p is None else top_p,
+        )
         if options.temperature <= 0 or not 0 < options.top_p <= 1 or options.top_k < 0:
             raise RlensError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
         return options
 
     @property
     def cache_names(self) -> list[str]:
-        return [f"past_key_values.{i}.{kv}" for i in range(self.manifest.model.num_layers)
-                for kv in ("key", "value")]
+        return [
+            f"past_key_values.{i}.{kv}"
+            for i in range(self.manifest.model.num_layers)
+            for kv in ("key", "value")
+        ]
 
 
 def _rate(count: int, seconds: float) -> float:

@@ -33,12 +33,15 @@ class PromptEncoder:
         placed = question.count(layout.image_token)
         if not has_image:
             if placed:
-                raise RlensError(f"the prompt contains {layout.image_token} but no image was given; "
-                                 "pass --image or remove the placeholder")
+                raise RlensError(
+                    f"the prompt contains {layout.image_token} but no image was given; "
+                    "pass --image or remove the placeholder"
+                )
             return layout.text_prefix + question + layout.text_suffix
         if placed > 1:
-            raise RlensError(f"the prompt places {layout.image_token} {placed} times; one image per prompt "
-                             "is supported")
+            raise RlensError(
+                f"the prompt places {layout.image_token} {placed} times; one image per prompt is supported"
+            )
         if placed == 1:
             return layout.text_prefix + question + layout.text_suffix
         return layout.image_prefix + question + layout.image_suffix
@@ -50,10 +53,12 @@ class PromptEncoder:
         if num_visual_tokens is None:
             return ids
         if ids.count(self.image_token_id) != 1:
-            raise RlensError(f"the prompt tokenized to {ids.count(self.image_token_id)} image tokens, "
-                             "expected 1; check the prompt's image placeholder")
+            raise RlensError(
+                f"the prompt tokenized to {ids.count(self.image_token_id)} image tokens, "
+                "expected 1; check the prompt's image placeholder"
+            )
         at = ids.index(self.image_token_id)
-        return ids[:at] + [self.image_token_id] * num_visual_tokens + ids[at + 1:]
+        return ids[:at] + [self.image_token_id] * num_visual_tokens + ids[at + 1 :]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -68,5 +73,5 @@ def stream_text(encoder: PromptEncoder, tokens: Iterator[int]) -> Iterator[str]:
         text = encoder.decode(ids)
         if text.endswith("\ufffd") or len(text) <= len(emitted):
             continue
-        yield text[len(emitted):]
+        yield text[len(emitted) :]
         emitted = text

@@ -22,8 +22,10 @@ def execution_providers(provider: str) -> list[str]:
     wanted = PROVIDERS[provider]
     available = ort.get_available_providers()
     if wanted[0] not in available:
-        raise RlensError(f"provider '{provider}' needs {wanted[0]}, which this onnxruntime lacks "
-                         f"(it has {', '.join(available)}); install the GPU extra: see the README")
+        raise RlensError(
+            f"provider '{provider}' needs {wanted[0]}, which this onnxruntime lacks "
+            f"(it has {', '.join(available)}); install the GPU extra: see the README"
+        )
     return [p for p in wanted if p in available]
 
 

@@ -1,0 +1,57 @@
+"""Session-wide fixtures: tiny checkpoints and their exported artifacts, built once and shared.
+
+Exports go through the CLI (``rlens export``), as a user would run it. Three checkpoints cover the
+supported text backbones and the attention variants: LLaMA with GQA, Mistral with a sliding window
+shorter than the prompts, Qwen2 with q/k/v biases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rlens.cli.main import main as rlens_main
+from rlens.tiny import TinySpec, make_tiny_llava
+
+SPECS = {
+    "llama": TinySpec(backbone="llama", num_layers=3, num_heads=4, num_kv_heads=2, seed=1),
+    "mistral": TinySpec(
+        backbone="mistral", num_layers=2, num_heads=4, num_kv_heads=1, sliding_window=12, seed=2
+    ),
+    "qwen2": TinySpec(backbone="qwen2", num_layers=2, num_heads=4, num_kv_heads=4, seed=3),
+}
+
+
+@dataclass(frozen=True)
+class Exported:
+    backbone: str
+    checkpoint: Path
+    artifact: Path
+
+
+def make_image(seed: int, size: tuple[int, int] = (40, 52)) -> Image.Image:
+    """A deterministic noise picture (not square, so resizing and cropping matter)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    root = tmp_path_factory.mktemp("exported")
+    result = {}
+    for name, spec in SPECS.items():
+        checkpoint = make_tiny_llava(root / f"{name}-checkpoint", spec)
+        artifact = root / f"{name}-artifact"
+        assert rlens_main(["export", str(checkpoint), "-o", str(artifact), "--quiet"]) == 0
+        result[name] = Exported(name, checkpoint, artifact)
+    return result
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "picture.png"
+    make_image(7).save(path)
+    return path
