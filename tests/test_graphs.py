@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from rlens.graphs.attention import apply_rotary, attention, causal_mask, rotary_tables
+from rlens.graphs.attention import apply_rotary, attention, causal_mask, chunk_of, rotary_tables
 from rlens.graphs.builder import BOOL, FLOAT, INT64, ArrayWeights, GraphBuilder
 from rlens.graphs.layers import activation, rms_norm
 
@@ -91,7 +91,7 @@ def test_causal_mask(window: int | None, new: int) -> None:
     embeds = np.zeros((2, new, 4), np.float32)
 
     def build(b: GraphBuilder, i: list[ir.Value]) -> ir.Value:
-        return causal_mask(b, i[1], b.dim(i[0], 1), window)
+        return causal_mask(b, chunk_of(b, i[0], i[1]), window)
 
     got = run_graph(build, {"x": embeds, "attention_mask": attention_mask}, BOOL)
     np.testing.assert_array_equal(got[:, 0, 0], reference_mask(attention_mask, new, window))

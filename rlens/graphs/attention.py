@@ -6,6 +6,8 @@ R = H / G queries per kv head, D head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
@@ -43,29 +45,78 @@ def apply_rotary(b: GraphBuilder, x: ir.Value, cos: ir.Value, sin: ir.Value, hea
     return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
 
 
-def causal_mask(
-    b: GraphBuilder, attention_mask: ir.Value, new_tokens: ir.Value, sliding_window: int | None = None
-) -> ir.Value:
-    """Which key each query may see, ``[B, 1, 1, S, T]`` bool.
+@dataclass(frozen=True)
+class Chunk:
+    """Where the tokens of this decoder call sit, as 0-d int64 values computed once per graph.
 
-    Query ``i`` of the chunk sits at cache index ``P + i``; it sees key ``j`` when ``j <= P + i``,
-    the key is not padding (``attention_mask[b, j] == 1``), and, with a sliding window ``W``,
-    ``j > P + i - W`` (transformers' convention).
+    ``visual_start`` (a chunk column shared by the batch) and ``visual_lengths`` ([B]) describe the
+    visual span when the decoder has reductions; row b's visual tokens are the columns
+    ``visual_start .. visual_start + visual_lengths[b] - 1``, and the span is ``visual_max`` wide.
+    """
+
+    attention_mask: ir.Value  # [B, T]
+    past: ir.Value  # P
+    new: ir.Value  # S
+    total: ir.Value  # T
+    visual_start: ir.Value | None = None
+    visual_lengths: ir.Value | None = None
+    visual_max: ir.Value | None = None
+
+
+def chunk_of(
+    b: GraphBuilder,
+    embeds: ir.Value,
+    attention_mask: ir.Value,
+    visual_start: ir.Value | None = None,
+    visual_lengths: ir.Value | None = None,
+) -> Chunk:
+    with b.scope("chunk"):
+        new = b.op("Squeeze", b.dim(embeds, 1))
+        total = b.op("Squeeze", b.dim(attention_mask, 1))
+        visual_max = None
+        if visual_lengths is not None:
+            visual_max = b.op("ReduceMax", visual_lengths, keepdims=0)
+        return Chunk(
+            attention_mask, b.op("Sub", total, new), new, total, visual_start, visual_lengths, visual_max
+        )
+
+
+def visibility(
+    b: GraphBuilder,
+    chunk: Chunk,
+    q_pos: ir.Value,
+    k_pos: ir.Value,
+    sliding_window: int | None,
+    k_valid: ir.Value | None = None,
+) -> ir.Value:
+    """Which key each query may see, as a mask broadcastable to the scores ``[B, G, R, ..., Sq, Tk]``.
+
+    ``q_pos`` and ``k_pos`` are cache indices shaped to broadcast against each other (``[..., Sq, 1]``
+    and ``[..., 1, Tk]``). Query ``q`` sees key ``k`` when ``k <= q``, the key is not padding
+    (``attention_mask[b, k] == 1``), with a sliding window ``W`` when ``k > q - W`` (transformers'
+    convention), and where ``k_valid`` is given, when it holds (keys outside the cache).
     """
     with b.scope("mask"):
-        total = b.dim(attention_mask, 1)  # [1] = T
-        past = b.op("Sub", total, new_tokens)  # [1] = P
-        zero, one = b.const(0), b.const(1)
-        q_pos = b.op(
-            "Unsqueeze", b.op("Range", b.op("Squeeze", past), b.op("Squeeze", total), one), b.const([-1])
-        )  # [S, 1]
-        k_pos = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", total), one), b.const([0]))  # [1, T]
-        visible = b.op("LessOrEqual", k_pos, q_pos)  # [S, T]
+        visible = b.op("LessOrEqual", k_pos, q_pos)
         if sliding_window is not None:
-            window_start = b.op("Sub", q_pos, b.const(sliding_window))
-            visible = b.op("And", visible, b.op("Greater", k_pos, window_start))
-        not_padding = b.op("Cast", b.op("Unsqueeze", attention_mask, b.const([1, 2, 3])), to=ir.DataType.BOOL)
-        return b.op("And", b.op("Unsqueeze", visible, b.const([0, 1, 2])), not_padding)  # [B, 1, 1, S, T]
+            visible = b.op(
+                "And", visible, b.op("Greater", k_pos, b.op("Sub", q_pos, b.const(sliding_window)))
+            )
+        last = b.op("Sub", chunk.total, b.const(1))
+        gathered = b.op("Gather", chunk.attention_mask, b.op("Clip", k_pos, b.const(0), last), axis=1)
+        not_padding = b.op("Cast", gathered, to=ir.DataType.BOOL)  # [B, *k_pos.shape]
+        visible = b.op("And", visible, not_padding)
+        if k_valid is not None:
+            visible = b.op("And", visible, k_valid)
+        return b.op("Unsqueeze", visible, b.const([1, 2]))  # [B, 1, 1, ...]
+
+
+def causal_mask(b: GraphBuilder, chunk: Chunk, sliding_window: int | None = None) -> ir.Value:
+    """The ordinary mask of a chunk: ``[B, 1, 1, S, T]``, query ``i`` at cache index ``P + i``."""
+    one = b.const(1)
+    q_pos = b.op("Unsqueeze", b.op("Range", chunk.past, chunk.total, one), b.const([-1]))  # [S, 1]
+    k_pos = b.op("Unsqueeze", b.op("Range", b.const(0), chunk.total, one), b.const([0]))  # [1, T]
+    return visibility(b, chunk, q_pos, k_pos, sliding_window)
 
 
 def attention(
@@ -96,3 +147,146 @@ def attention(
         probs = b.op("Softmax", scores, axis=-1)
         out = b.op("MatMul", probs, v)  # [B, G, R, S, D]
         return b.op("Reshape", out, b.const([0, num_heads, -1, head_dim]))  # [B, H, S, D]
+
+
+def hollow_attention(
+    b: GraphBuilder,
+    q: ir.Value,
+    k: ir.Value,
+    v: ir.Value,
+    chunk: Chunk,
+    heads: tuple[int, int, int],
+    window: int,
+    block: int,
+    max_visual: int,
+    sliding_window: int | None = None,
+) -> ir.Value:
+    """Hollow Attention (RedundancyLens): visual queries see the prefix and a causal window of visual keys.
+
+        columns of the chunk:  [ text prefix | visual span (V) | text suffix ]
+        text queries   ──> ordinary attention over every key (a dense causal pass)
+        visual queries ──> in blocks of ``block``; each block scores
+                             the prefix keys [0, P + vs)                     (all of them)
+                           + its own block and the ``nw`` blocks before it   (k > q - window)
+                           one softmax over both; the visual->visual pairs outside the window
+                           are never computed
+        outputs reassembled in column order -> [B, H, S, D]
+
+    q [B, H, S, D], k/v [B, G, T, D] (cache included). ``max_visual`` (the most visual tokens a
+    chunk can hold) caps how many blocks back a window reaches. A chunk without visual tokens
+    (a decode step) takes only the text pass.
+    """
+    H, G, D = heads
+    R = H // G
+    assert chunk.visual_start is not None and chunk.visual_max is not None, (
+        "hollow attention needs a visual span"
+    )
+    vs, V, P, S = chunk.visual_start, chunk.visual_max, chunk.past, chunk.new
+    nw = max(0, min(-(-(window - 1) // block), -(-max_visual // block) - 1))  # blocks back the window reaches
+    width = (nw + 1) * block
+    one = b.const(1)
+    with b.scope("hollow"):
+        vend = b.op("Add", vs, V)
+        # -- text queries: every key, causal -----------------------------------------------------
+        q_text = b.op("Concat", b.slice(q, 0, vs, 2), b.slice(q, vend, S, 2), axis=2)
+        text_pos = b.op(
+            "Concat",
+            b.op("Range", P, b.op("Add", P, vs), one),
+            b.op("Range", b.op("Add", P, vend), chunk.total, one),
+            axis=0,
+        )
+        all_keys = b.op("Unsqueeze", b.op("Range", b.const(0), chunk.total, one), b.const([0]))
+        text_mask = visibility(b, chunk, b.op("Unsqueeze", text_pos, b.const([-1])), all_keys, sliding_window)
+        out_text = attention(b, q_text, k, v, text_mask, H, G, D)  # [B, H, S - V, D]
+
+        # -- visual queries: blocks of `block`, padded up to a whole number of blocks ------------
+        blocks = b.op("Div", b.op("Add", V, b.const(block - 1)), b.const(block))  # nb = ceil(V / block)
+        padded = b.op("Mul", blocks, b.const(block))
+        pad = b.op("Unsqueeze", b.op("Sub", padded, V), b.const([0]))
+        nb = b.op("Unsqueeze", blocks, b.const([0]))
+
+        def visual_columns(x: ir.Value, start: ir.Value) -> ir.Value:  # [B, n, cols, D] -> padded to nb*block
+            cols = b.slice(x, start, b.op("Add", start, V), 2)
+            return b.op("Pad", cols, b.op("Concat", b.const([0, 0, 0, 0, 0, 0]), pad, b.const([0]), axis=0))
+
+        q_vis = b.op("Mul", visual_columns(q, vs), b.const(D**-0.5, np.float32))
+        batch = b.dim(q, 0)
+        # allowzero: nb is 0 in a decode step, and must not mean "copy this axis"
+        q_blocks = b.op(
+            "Reshape", q_vis, b.shape_of(batch, G, R, nb, block, D), allowzero=1
+        )  # [B,G,R,nb,blk,D]
+        offsets = b.op("Reshape", b.op("Range", b.const(0), padded, one), b.shape_of(nb, block), allowzero=1)
+        q_idx = b.op("Unsqueeze", offsets, b.const([-1]))  # [nb, blk, 1] visual offset of each query
+        vis_start = b.op("Add", P, vs)  # cache index of the first visual token
+        q_pos = b.op("Add", q_idx, vis_start)
+
+        # prefix keys [0, P + vs): every visual query may see them (causal, not padding)
+        k_pre = b.slice(k, 0, vis_start, 2)
+        v_pre = b.slice(v, 0, vis_start, 2)
+        pre_pos = b.op("Unsqueeze", b.op("Range", b.const(0), vis_start, one), b.const([0, 1]))  # [1, 1, Pv]
+        # scored as [B, G, R, nb*blk, Pv] so no zero-sized axis is ever broadcast (nb is 0 in decode)
+        padded_1d = b.op("Unsqueeze", padded, b.const([0]))
+        q_flat = b.op("Reshape", q_vis, b.shape_of(batch, G, R, padded_1d, D), allowzero=1)
+        scores_pre = b.op(
+            "MatMul", q_flat, b.op("Transpose", b.op("Unsqueeze", k_pre, b.const([2])), perm=[0, 1, 2, 4, 3])
+        )  # [B, G, R, nb*blk, Pv]
+        pre_width = b.op("Unsqueeze", vis_start, b.const([0]))
+        scores_pre = b.op("Reshape", scores_pre, b.shape_of(batch, G, R, nb, block, pre_width), allowzero=1)
+        pre_mask = visibility(b, chunk, q_pos, pre_pos, sliding_window)
+
+        # window keys: own block and nw before it, gathered as shifted copies of the block grid
+        def key_windows(x: ir.Value) -> ir.Value:  # [B, G, T, D] -> [B, G, nb, width, D]
+            grid = b.op(
+                "Reshape", visual_columns(x, vis_start), b.shape_of(batch, G, nb, block, D), allowzero=1
+            )
+            grid = b.op("Pad", grid, b.const([0, 0, nw, 0, 0, 0, 0, 0, 0, 0]))  # nw empty blocks in front
+            shifted = [
+                b.slice(grid, nw - s, b.op("Add", blocks, b.const(nw - s)), 2) for s in range(nw, -1, -1)
+            ]
+            return shifted[0] if len(shifted) == 1 else b.op("Concat", *shifted, axis=3)
+
+        k_win, v_win = key_windows(k), key_windows(v)
+        first_key = b.op("Mul", b.op("Range", b.const(0), blocks, one), b.const(block))  # [nb]
+        k_idx = b.op(
+            "Add", b.op("Unsqueeze", first_key, b.const([-1])), b.const(np.arange(width) - nw * block)
+        )  # [nb, width]
+        k_idx = b.op("Unsqueeze", k_idx, b.const([1]))  # [nb, 1, width]
+        in_window = b.op(
+            "And",
+            b.op("Greater", k_idx, b.op("Sub", q_idx, b.const(window))),
+            b.op("And", b.op("GreaterOrEqual", k_idx, b.const(0)), b.op("Less", k_idx, V)),
+        )
+        win_mask = visibility(b, chunk, q_pos, b.op("Add", k_idx, vis_start), sliding_window, in_window)
+        scores_win = b.op(
+            "MatMul",
+            q_blocks,
+            b.op("Transpose", b.op("Unsqueeze", k_win, b.const([2])), perm=[0, 1, 2, 3, 5, 4]),
+        )  # [B, G, R, nb, blk, width]
+
+        # one softmax over prefix and window keys, then two weighted sums
+        masked = b.const(MASKED, np.float32)
+        scores = b.op(
+            "Concat",
+            b.op("Where", pre_mask, scores_pre, masked),
+            b.op("Where", win_mask, scores_win, masked),
+            axis=-1,
+        )
+        probs = b.op("Softmax", scores, axis=-1)
+        split = b.op("Concat", b.op("Unsqueeze", vis_start, b.const([0])), b.const([width]), axis=0)
+        probs_pre, probs_win = b.ops("Split", probs, split, num_outputs=2, axis=-1)
+        probs_pre = b.op("Reshape", probs_pre, b.shape_of(batch, G, R, padded_1d, pre_width), allowzero=1)
+        out_pre = b.op("MatMul", probs_pre, b.op("Unsqueeze", v_pre, b.const([2])))  # [B, G, R, nb*blk, D]
+        out_win = b.op("MatMul", probs_win, b.op("Unsqueeze", v_win, b.const([2])))  # [B, G, R, nb, blk, D]
+        out_win = b.op("Reshape", out_win, b.shape_of(batch, G, R, padded_1d, D), allowzero=1)
+        out_vis = b.op(
+            "Reshape", b.op("Add", out_pre, out_win), b.shape_of(batch, H, padded_1d, D), allowzero=1
+        )
+        out_vis = b.slice(out_vis, 0, V, 2)  # [B, H, V, D]
+
+        return b.op(
+            "Concat",
+            b.slice(out_text, 0, vs, 2),
+            out_vis,
+            b.slice(out_text, vs, b.op("Sub", S, V), 2),
+            axis=2,
+        )

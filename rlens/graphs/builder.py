@@ -173,9 +173,17 @@ class GraphBuilder:
             return self.op("Shape", x, start=-1)
         return self.op("Shape", x, start=axis, end=axis + 1)
 
+    def slice(self, x: ir.Value, start: ir.Value | int, end: ir.Value | int, axis: int) -> ir.Value:
+        """``x[start:end]`` along ``axis``; bounds are ints or 0-d int64 values."""
+
+        def bound(v: ir.Value | int) -> ir.Value:
+            return self.const([v]) if isinstance(v, int) else self.op("Unsqueeze", v, self.const([0]))
+
+        return self.op("Slice", x, bound(start), bound(end), self.const([axis]))
+
     def shape_of(self, *parts: ir.Value | int) -> ir.Value:
         """Concatenate 1-element dims and literal ints into a shape tensor."""
-        values = [p if isinstance(p, ir.Value) else self.const([p]) for p in parts]
+        values = [p if isinstance(p, ir.Value) else self.const([p]) for p in parts]  # values: 1-element
         return values[0] if len(values) == 1 else self.op("Concat", *values, axis=0)
 
     # -- output ---------------------------------------------------------------------------------

@@ -17,10 +17,22 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rlens.graphs.attention import apply_rotary, attention, causal_mask, rotary_tables
+from rlens.graphs.attention import (
+    Chunk,
+    apply_rotary,
+    attention,
+    causal_mask,
+    chunk_of,
+    hollow_attention,
+    rotary_tables,
+)
 from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
-from rlens.graphs.ffn import swiglu_ffn
+from rlens.graphs.ffn import pad_ffn, swiglu_ffn
 from rlens.graphs.layers import linear, rms_norm
+from rlens.reductions import Reductions, ffn_keep_channels
+
+HOLLOW_BLOCK = 64
+"""Visual queries per block in hollow layers: small enough that a window wastes little on block edges."""
 
 
 @dataclass(frozen=True)
@@ -45,17 +57,28 @@ class DecoderSpec:
         return self.sliding_windows[layer] if self.sliding_windows else None
 
 
+@dataclass(frozen=True)
+class Context:
+    """What every layer reads besides its own weights: computed once at the top of the graph."""
+
+    chunk: Chunk
+    rotary: tuple[ir.Value, ir.Value]
+    masks: dict[int | None, ir.Value]  # sliding window (None: full) -> causal mask
+    reductions: Reductions
+    max_visual: int
+
+
 def self_attention(
     b: GraphBuilder,
     x: ir.Value,
     weights: Weights,
     prefix: str,
     spec: DecoderSpec,
-    rotary: tuple[ir.Value, ir.Value],
-    mask: ir.Value,
+    layer: int,
+    ctx: Context,
     past: tuple[ir.Value, ir.Value],
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Q/K/V projections, RoPE, the KV cache append, attention and the output projection.
+    """Q/K/V projections, RoPE, the KV cache append, (hollow) attention and the output projection.
 
     Returns the attention output [B, S, d] and the present key and value [B, G, P+S, D].
     """
@@ -66,13 +89,28 @@ def self_attention(
             y = linear(b, x, weights, f"{prefix}.{name}")
             return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, n, D])), perm=[0, 2, 1, 3])
 
-        cos, sin = rotary
+        cos, sin = ctx.rotary
         q = apply_rotary(b, heads("q_proj", H), cos, sin, D)
         k = apply_rotary(b, heads("k_proj", G), cos, sin, D)
         v = heads("v_proj", G)
         k = b.op("Concat", past[0], k, axis=2)  # [B, G, P+S, D]
         v = b.op("Concat", past[1], v, axis=2)
-        out = attention(b, q, k, v, mask, H, G, D)  # [B, H, S, D]
+        window = ctx.reductions.hollow_window
+        if ctx.reductions.is_hollow(layer):
+            out = hollow_attention(
+                b,
+                q,
+                k,
+                v,
+                ctx.chunk,
+                (H, G, D),
+                window,
+                min(window, HOLLOW_BLOCK),
+                ctx.max_visual,
+                spec.window(layer),
+            )
+        else:
+            out = attention(b, q, k, v, ctx.masks[spec.window(layer)], H, G, D)  # [B, H, S, D]
         out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, H * D]))
         return linear(b, out, weights, f"{prefix}.o_proj"), k, v
 
@@ -83,8 +121,7 @@ def decoder_layer(
     weights: Weights,
     i: int,
     spec: DecoderSpec,
-    rotary: tuple[ir.Value, ir.Value],
-    mask: ir.Value,
+    ctx: Context,
     past: tuple[ir.Value, ir.Value],
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Pre-norm residual block: ``x += attn(norm(x)); x += ffn(norm(x))``."""
@@ -92,20 +129,31 @@ def decoder_layer(
     with b.scope(prefix):
         h = rms_norm(b, x, weights.get(f"{prefix}.input_layernorm.weight"), spec.rms_norm_eps)
         attn_out, present_k, present_v = self_attention(
-            b, h, weights, f"{prefix}.self_attn", spec, rotary, mask, past
+            b, h, weights, f"{prefix}.self_attn", spec, i, ctx, past
         )
         x = b.op("Add", x, attn_out)
         h = rms_norm(b, x, weights.get(f"{prefix}.post_attention_layernorm.weight"), spec.rms_norm_eps)
-        x = b.op("Add", x, swiglu_ffn(b, h, weights, f"{prefix}.mlp", spec.hidden_act))
-        return x, present_k, present_v
+        r = ctx.reductions
+        if r.is_pad_ffn(i):
+            keep = ffn_keep_channels(r.ffn_keep, spec.intermediate_size)
+            ffn = pad_ffn(b, h, weights, f"{prefix}.mlp", spec.hidden_act, ctx.chunk, keep, r.probe_every)
+        else:
+            ffn = swiglu_ffn(b, h, weights, f"{prefix}.mlp", spec.hidden_act)
+        return b.op("Add", x, ffn), present_k, present_v
 
 
-def build_decoder(spec: DecoderSpec, weights: Weights) -> ir.Model:
+def build_decoder(
+    spec: DecoderSpec, weights: Weights, reductions: Reductions | None = None, max_visual: int = 0
+) -> ir.Model:
     """The whole decoder: embeddings in, last-position logits and the updated KV cache out.
 
     ``weights`` holds the language model's tensors under transformers' names relative to the
     decoder (``layers.0.self_attn.q_proj.weight``, ``norm.weight``) plus ``lm_head.weight``.
+    With ``reductions``, the graph also takes the visual span of the chunk (``visual_start`` [],
+    ``visual_lengths`` [B]); ``max_visual`` is the most visual tokens one chunk can carry.
     """
+    reductions = reductions or Reductions()
+    reductions.check_layers(spec.num_layers)
     b = GraphBuilder("model")
     G, D = spec.num_kv_heads, spec.head_dim
     x = b.input("inputs_embeds", FLOAT, ["batch", "sequence", spec.hidden_size])
@@ -118,21 +166,25 @@ def build_decoder(spec: DecoderSpec, weights: Weights) -> ir.Model:
         )
         for i in range(spec.num_layers)
     ]
+    span: tuple[ir.Value, ir.Value] | tuple[None, None] = (None, None)
+    if reductions.active:
+        span = (b.input("visual_start", INT64, []), b.input("visual_lengths", INT64, ["batch"]))
 
-    new_tokens = b.dim(x, 1)
-    masks = {
-        w: causal_mask(b, attention_mask, new_tokens, w)
-        for w in sorted({spec.window(i) for i in range(spec.num_layers)}, key=lambda w: w or 0)
-    }
-    rotary = rotary_tables(
-        b, position_ids, np.asarray(spec.inv_freq, np.float32), spec.rope_attention_scaling
+    chunk = chunk_of(b, x, attention_mask, *span)
+    windows = sorted({spec.window(i) for i in range(spec.num_layers)}, key=lambda w: w or 0)
+    ctx = Context(
+        chunk=chunk,
+        rotary=rotary_tables(
+            b, position_ids, np.asarray(spec.inv_freq, np.float32), spec.rope_attention_scaling
+        ),
+        masks={w: causal_mask(b, chunk, w) for w in windows},
+        reductions=reductions,
+        max_visual=max_visual,
     )
 
     presents = []
     for i in range(spec.num_layers):
-        x, present_k, present_v = decoder_layer(
-            b, x, weights, i, spec, rotary, masks[spec.window(i)], past[i]
-        )
+        x, present_k, present_v = decoder_layer(b, x, weights, i, spec, ctx, past[i])
         presents.append((present_k, present_v))
 
     with b.scope("final"):

@@ -1,17 +1,138 @@
-"""The decoder's feed-forward block."""
+"""The decoder's feed-forward block, and its Probe-Activated Dynamic variant (PAD-FFN)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import onnx_ir as ir
 
+from rlens.errors import RlensError
+from rlens.graphs.attention import Chunk
 from rlens.graphs.builder import GraphBuilder, Weights
-from rlens.graphs.layers import activation, linear
+from rlens.graphs.layers import activation
+
+
+@dataclass(frozen=True)
+class FfnWeights:
+    """The three SwiGLU matrices as graph values, ``[in, out]``; made once and shared by every path."""
+
+    gate: ir.Value  # [d, d_ff]
+    up: ir.Value  # [d, d_ff]
+    down: ir.Value  # [d_ff, d]
+
+    @classmethod
+    def of(cls, b: GraphBuilder, weights: Weights, prefix: str) -> FfnWeights:
+        if any(f"{prefix}.{p}.bias" in weights for p in ("gate_proj", "up_proj", "down_proj")):
+            raise RlensError("FFN layers with biases (mlp_bias=True) are not supported")
+        return cls(
+            *(
+                b.weight(weights.get(f"{prefix}.{p}.weight", transpose=True))
+                for p in ("gate_proj", "up_proj", "down_proj")
+            )
+        )
+
+
+def swiglu(b: GraphBuilder, x: ir.Value, w: FfnWeights, hidden_act: str) -> ir.Value:
+    """``down(act(gate(x)) * up(x))``: the gated FFN of LLaMA, Mistral and Qwen2."""
+    gate = activation(b, b.op("MatMul", x, w.gate), hidden_act)
+    return b.op("MatMul", b.op("Mul", gate, b.op("MatMul", x, w.up)), w.down)
 
 
 def swiglu_ffn(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, hidden_act: str) -> ir.Value:
-    """``down(act(gate(x)) * up(x))``: the gated FFN of LLaMA, Mistral and Qwen2."""
     with b.scope("mlp"):
-        gate = activation(b, linear(b, x, weights, f"{prefix}.gate_proj"), hidden_act)
-        return linear(
-            b, b.op("Mul", gate, linear(b, x, weights, f"{prefix}.up_proj")), weights, f"{prefix}.down_proj"
+        return swiglu(b, x, FfnWeights.of(b, weights, prefix), hidden_act)
+
+
+def probe_columns(b: GraphBuilder, chunk: Chunk, probe_every: int) -> tuple[ir.Value, ir.Value]:
+    """Each row's probe tokens as chunk columns ``[B, P]`` and their weights ``1/P_b`` (0 past P_b).
+
+    ``P_b = max(1, V_b // s)`` and probe ``i`` is ``round(i (V_b - 1) / (P_b - 1))`` rounded half
+    up, computed in integers exactly as ``rlens.reductions.probe_indices`` (so graph and reference
+    pick the same tokens). Rows are padded to the largest ``P``; extra probes get weight 0.
+    """
+    assert (
+        chunk.visual_lengths is not None and chunk.visual_start is not None and chunk.visual_max is not None
+    )
+    one = b.const(1)
+    with b.scope("probes"):
+        lengths = b.op("Unsqueeze", chunk.visual_lengths, b.const([-1]))  # [B, 1]
+        count = b.op("Max", b.op("Div", lengths, b.const(probe_every)), one)  # [B, 1] = P_b
+        most = b.op("Max", b.op("Div", chunk.visual_max, b.const(probe_every)), one)
+        i = b.op("Unsqueeze", b.op("Range", b.const(0), most, one), b.const([0]))  # [1, P]
+        numerator = b.op(
+            "Add", b.op("Mul", b.op("Mul", i, b.const(2)), b.op("Sub", lengths, one)), b.op("Sub", count, one)
+        )
+        denominator = b.op("Max", b.op("Mul", b.op("Sub", count, one), b.const(2)), one)
+        offset = b.op(
+            "Clip",
+            b.op("Div", numerator, denominator),
+            b.const(0),
+            b.op("Max", b.op("Sub", chunk.visual_max, one), b.const(0)),
+        )  # [B, P]
+        columns = b.op(
+            "Clip", b.op("Add", offset, chunk.visual_start), b.const(0), b.op("Sub", chunk.new, one)
+        )
+        valid = b.op("Cast", b.op("Less", i, count), to=ir.DataType.FLOAT)
+        weight = b.op("Div", valid, b.op("Cast", count, to=ir.DataType.FLOAT))  # [B, P]
+        return columns, weight
+
+
+def pad_ffn(
+    b: GraphBuilder,
+    x: ir.Value,
+    weights: Weights,
+    prefix: str,
+    hidden_act: str,
+    chunk: Chunk,
+    keep: int,
+    probe_every: int,
+) -> ir.Value:
+    """PAD-FFN (RedundancyLens): visual tokens use only the ``keep`` channels their probes find active.
+
+        x [B, S, d] ── text columns ───────────────────────────── full SwiGLU ──────────┐
+                    └─ probes (P per row) ── act(x W_g) * (x W_u) [B, P, d_ff]            │
+                         score_c = mean_p |m_pc| ── TopK(keep) ── idx [B, K]              │
+                       visual columns ── x W_g[:, idx], x W_u[:, idx] ── (.) W_d[idx, :] ─┤
+                                                       reassembled in column order [B, S, d]
+
+    Only the K gathered channels are computed for visual tokens. ``keep == 0`` is the skip branch:
+    visual tokens get a zero FFN output (residual only).
+    """
+    assert chunk.visual_start is not None and chunk.visual_max is not None
+    vs, V = chunk.visual_start, chunk.visual_max
+    with b.scope("pad_ffn"):
+        w = FfnWeights.of(b, weights, prefix)
+        vend = b.op("Add", vs, V)
+        x_text = b.op("Concat", b.slice(x, 0, vs, 1), b.slice(x, vend, chunk.new, 1), axis=1)
+        y_text = swiglu(b, x_text, w, hidden_act)  # [B, S - V, d]
+        x_vis = b.slice(x, vs, vend, 1)  # [B, V, d]
+        if keep == 0:
+            y_vis = b.op("Mul", x_vis, b.const(0.0, np.float32))
+        else:
+            columns, weight = probe_columns(b, chunk, probe_every)
+            probes = b.op("GatherND", x, b.op("Unsqueeze", columns, b.const([-1])), batch_dims=1)  # [B, P, d]
+            m = b.op(
+                "Mul", activation(b, b.op("MatMul", probes, w.gate), hidden_act), b.op("MatMul", probes, w.up)
+            )  # [B, P, d_ff]
+            score = b.op(
+                "ReduceSum",
+                b.op("Mul", b.op("Abs", m), b.op("Unsqueeze", weight, b.const([-1]))),
+                b.const([1]),
+                keepdims=0,
+            )  # [B, d_ff]
+            _, idx = b.ops(
+                "TopK", score, b.const([keep]), num_outputs=2, axis=-1, largest=1, sorted=1
+            )  # [B, K]
+            gate = b.op("Transpose", b.op("Gather", w.gate, idx, axis=1), perm=[1, 0, 2])  # [B, d, K]
+            up = b.op("Transpose", b.op("Gather", w.up, idx, axis=1), perm=[1, 0, 2])  # [B, d, K]
+            down = b.op("Gather", w.down, idx, axis=0)  # [B, K, d]
+            h = b.op("Mul", activation(b, b.op("MatMul", x_vis, gate), hidden_act), b.op("MatMul", x_vis, up))
+            y_vis = b.op("MatMul", h, down)  # [B, V, d]
+        return b.op(
+            "Concat",
+            b.slice(y_text, 0, vs, 1),
+            y_vis,
+            b.slice(y_text, vs, b.op("Sub", chunk.new, V), 1),
+            axis=1,
         )
