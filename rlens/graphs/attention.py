@@ -55,6 +55,7 @@ class Chunk:
     """
 
     attention_mask: ir.Value  # [B, T]
+    token_index: ir.Value  # [B, T]: how many real tokens precede each column (padding not counted)
     past: ir.Value  # P
     new: ir.Value  # S
     total: ir.Value  # T
@@ -76,8 +77,16 @@ def chunk_of(
         visual_max = None
         if visual_lengths is not None:
             visual_max = b.op("ReduceMax", visual_lengths, keepdims=0)
+        token_index = b.op("CumSum", attention_mask, b.const(1), exclusive=1)
         return Chunk(
-            attention_mask, b.op("Sub", total, new), new, total, visual_start, visual_lengths, visual_max
+            attention_mask,
+            token_index,
+            b.op("Sub", total, new),
+            new,
+            total,
+            visual_start,
+            visual_lengths,
+            visual_max,
         )
 
 
@@ -93,19 +102,22 @@ def visibility(
 
     ``q_pos`` and ``k_pos`` are cache indices shaped to broadcast against each other (``[..., Sq, 1]``
     and ``[..., 1, Tk]``). Query ``q`` sees key ``k`` when ``k <= q``, the key is not padding
-    (``attention_mask[b, k] == 1``), with a sliding window ``W`` when ``k > q - W`` (transformers'
-    convention), and where ``k_valid`` is given, when it holds (keys outside the cache).
+    (``attention_mask[b, k] == 1``), with a sliding window ``W`` when the key is one of the ``W``
+    latest real tokens (transformers' ``k > q - W``, counted without padding so that padding
+    between a row's tokens does not shorten its window), and where ``k_valid`` is given, when it
+    holds (keys outside the cache).
     """
     with b.scope("mask"):
         visible = b.op("LessOrEqual", k_pos, q_pos)
-        if sliding_window is not None:
-            visible = b.op(
-                "And", visible, b.op("Greater", k_pos, b.op("Sub", q_pos, b.const(sliding_window)))
-            )
         last = b.op("Sub", chunk.total, b.const(1))
-        gathered = b.op("Gather", chunk.attention_mask, b.op("Clip", k_pos, b.const(0), last), axis=1)
-        not_padding = b.op("Cast", gathered, to=ir.DataType.BOOL)  # [B, *k_pos.shape]
-        visible = b.op("And", visible, not_padding)
+        k_col = b.op("Clip", k_pos, b.const(0), last)
+        gathered = b.op("Gather", chunk.attention_mask, k_col, axis=1)
+        visible = b.op("And", visible, b.op("Cast", gathered, to=ir.DataType.BOOL))  # [B, *k_pos.shape]
+        if sliding_window is not None:  # counted in real tokens, so padding inside a row is not in it
+            q_index = b.op("Gather", chunk.token_index, b.op("Clip", q_pos, b.const(0), last), axis=1)
+            k_index = b.op("Gather", chunk.token_index, k_col, axis=1)
+            window_start = b.op("Sub", q_index, b.const(sliding_window))
+            visible = b.op("And", visible, b.op("Greater", k_index, window_start))
         if k_valid is not None:
             visible = b.op("And", visible, k_valid)
         return b.op("Unsqueeze", visible, b.const([1, 2]))  # [B, 1, 1, ...]

@@ -52,6 +52,45 @@ class DecoderState:
     cache: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class VisualSpan:
+    """Where a chunk's visual tokens are: from column ``start``, ``lengths[b]`` of them in row b."""
+
+    start: int
+    lengths: list[int]
+
+
+def batch_layout(
+    prompts: list[list[int]], image_token_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, VisualSpan]:
+    """Pad prompts into one batch so every row's image starts at the same column.
+
+        row b:  [pads][text before image][V_b image tokens][pads][text after image]
+                      └──── start column shared by all rows ┘
+
+    Pads sit in front of the text before the image (to align the image) and between the image
+    and the text after it (to align the ends), so every row's last column is its last real
+    token. Padding is masked and skipped by the positions, so each row computes what it would
+    alone; the shared span is what the reduced decoder layers need. Rows without an image are
+    all text after a zero-length image. Returns ids [B, L], attention mask [B, L] and the span.
+    """
+    parts = []
+    for ids in prompts:
+        count = ids.count(image_token_id)
+        at = ids.index(image_token_id) if count else 0
+        parts.append((ids[:at], count, ids[at + count :]))
+    start = max(len(before) for before, _, _ in parts)
+    widest = max(count for _, count, _ in parts)
+    longest_after = max(len(after) for _, _, after in parts)
+    rows, masks = [], []
+    for before, count, after in parts:
+        lead, gap = start - len(before), widest - count + longest_after - len(after)
+        rows.append([pad_id] * lead + before + [image_token_id] * count + [pad_id] * gap + after)
+        masks.append([0] * lead + [1] * (len(before) + count) + [0] * gap + [1] * len(after))
+    span = VisualSpan(start, [count for _, count, _ in parts])
+    return np.array(rows, np.int64), np.array(masks, np.int64), span
+
+
 @dataclass
 class Timings:
     """Wall-clock marks of one generation (``time.perf_counter`` seconds)."""
@@ -80,6 +119,7 @@ class Pipeline:
         self.prompts = PromptEncoder(artifact_dir, manifest)
         self.image_config = manifest.image_processor
         self.hidden_size = manifest.model.hidden_size
+        self.takes_visual_span = any(t.name == "visual_start" for t in graphs["decoder"].inputs)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu") -> Pipeline:
@@ -100,9 +140,19 @@ class Pipeline:
         (embeds,) = self.embedding.run(None, {"input_ids": input_ids, "image_features": image_features})
         return embeds
 
-    def run_decoder(self, embeds: np.ndarray, positions: np.ndarray, state: DecoderState) -> np.ndarray:
-        """One decoder call over ``embeds`` [B, S, d]; extends the cache; returns last logits [B, vocab]."""
+    def run_decoder(
+        self, embeds: np.ndarray, positions: np.ndarray, state: DecoderState, span: VisualSpan | None = None
+    ) -> np.ndarray:
+        """One decoder call over ``embeds`` [B, S, d]; extends the cache; returns last logits [B, vocab].
+
+        A decoder with reductions also reads where the visual tokens of this chunk are; a chunk
+        without any (a decode step) passes an empty span.
+        """
         feeds = {"inputs_embeds": embeds, "attention_mask": state.attention_mask, "position_ids": positions}
+        if self.takes_visual_span:
+            span = span or VisualSpan(0, [0] * embeds.shape[0])
+            feeds["visual_start"] = np.array(span.start, np.int64)
+            feeds["visual_lengths"] = np.array(span.lengths, np.int64)
         if not state.cache:
             m = self.manifest.model
             empty = np.zeros((embeds.shape[0], m.num_kv_heads, 0, m.head_dim), np.float32)
@@ -116,14 +166,13 @@ class Pipeline:
     def prefill(
         self, prompts: list[list[int]], image_features: np.ndarray | None
     ) -> tuple[np.ndarray, DecoderState]:
-        """Left-pad the prompts into one batch and run it through the decoder in one call."""
-        longest = max(len(p) for p in prompts)
-        pad = self.manifest.tokenizer.pad_token_id
-        ids = np.array([[pad] * (longest - len(p)) + p for p in prompts], dtype=np.int64)
-        mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+        """Lay the prompts out as one batch (``batch_layout``) and run it through the decoder in one call."""
+        ids, mask, span = batch_layout(
+            prompts, self.manifest.model.image_token_id, self.manifest.tokenizer.pad_token_id
+        )
         positions = np.maximum(mask.cumsum(-1) - 1, 0)  # count real tokens only, as transformers does
         state = DecoderState(attention_mask=mask, positions=positions[:, -1:])
-        return self.run_decoder(self.embed(ids, image_features), positions, state), state
+        return self.run_decoder(self.embed(ids, image_features), positions, state, span), state
 
     def decode_one_token(self, tokens: np.ndarray, state: DecoderState) -> np.ndarray:
         """Feed one token per row [B]; returns the next logits [B, vocab]."""
