@@ -83,9 +83,12 @@ def vision_flops(g: Geometry) -> int:
     return patches + g.vision_layers_run * per_layer + projector
 
 
-def prefill_flops(g: Geometry, tokens: int, visual: int, reductions: Reductions | None = None) -> PrefillFlops:
+def prefill_flops(
+    g: Geometry, tokens: int, visual: int, reductions: Reductions | None = None
+) -> PrefillFlops:
     """FLOPs of one prefill of ``tokens`` tokens (``visual`` of them visual) through the whole pipeline."""
     r = reductions or Reductions()
     decoder = sum(decoder_layer_flops(g, tokens, visual, i, r) for i in range(g.num_layers))
-    return PrefillFlops(vision=vision_flops(g) if visual else 0, decoder=decoder,
-                        lm_head=2 * g.hidden_size * g.vocab_size)
+    return PrefillFlops(
+        vision=vision_flops(g) if visual else 0, decoder=decoder, lm_head=2 * g.hidden_size * g.vocab_size
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rlens.errors import RlensError
+from rlens.reductions import Reductions
 from rlens.runtime.preprocess import ImageProcessorConfig
 
 SCHEMA_VERSION = 1
@@ -108,6 +109,16 @@ class ValidationInfo:
 
 
 @dataclass(frozen=True)
+class CostInfo:
+    """Prefill FLOPs of a typical prompt (``rlens.flops``), unreduced and as exported."""
+
+    prompt_tokens: int
+    visual_tokens: int
+    unreduced: dict[str, int]
+    reduced: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     rlens_version: str
@@ -117,6 +128,8 @@ class Manifest:
     prompt: PromptInfo
     image_processor: ImageProcessorConfig
     generation: GenerationInfo
+    reductions: Reductions = field(default_factory=Reductions)
+    cost: CostInfo | None = None
     source: dict[str, str] = field(default_factory=dict)
     validation: ValidationInfo | None = None
 

@@ -58,8 +58,10 @@ class Reductions:
         for name, layers in (("hollow", self.hollow_layers), ("ffn", self.ffn_layers)):
             bad = [i for i in layers if i >= num_layers]
             if bad:
-                raise RlensError(f"--{name}-layers names layer(s) {bad}, but the model has {num_layers} "
-                                 f"decoder layers (0..{num_layers - 1})")
+                raise RlensError(
+                    f"--{name}-layers names layer(s) {bad}, but the model has {num_layers} "
+                    f"decoder layers (0..{num_layers - 1})"
+                )
 
     def is_hollow(self, layer: int) -> bool:
         return layer in self.hollow_layers
@@ -103,8 +105,10 @@ def parse_layers(spec: str, ranked: list[int] | None, num_layers: int, option: s
             raise RlensError(f"{option} {count}: the ranking lists only {len(ranked)} layers")
         return tuple(ranked[:count])
     if "," not in spec and spec.isdigit() and ranked is None:
-        raise RlensError(f"{option} {spec} is a count and needs a ranking: pass --ranking ranking.json or "
-                         f"--calib CALIB.jsonl, or list the layers as i,j,k")
+        raise RlensError(
+            f"{option} {spec} is a count and needs a ranking: pass --ranking ranking.json or "
+            f"--calib CALIB.jsonl, or list the layers as i,j,k"
+        )
     try:
         layers = tuple(int(part) for part in spec.split(",") if part.strip())
     except ValueError:

@@ -170,7 +170,9 @@ def test_reductions_that_keep_everything_equal_the_unreduced_model(case: Case, w
 
 def test_small_hollow_window_changes_the_logits(case: Case) -> None:
     inputs = case.batch_of_two()
-    reduced = reference_logits(case, inputs, Reductions(hollow_layers=tuple(range(case.layers)), hollow_window=3))
+    reduced = reference_logits(
+        case, inputs, Reductions(hollow_layers=tuple(range(case.layers)), hollow_window=3)
+    )
     assert relative_error(reduced[:, -1], case.transformers_logits(inputs)[:, -1]) > 1e-3
 
 
@@ -206,11 +208,14 @@ def test_hollow_visibility_on_literal_key_lists(cases: dict[str, Case]) -> None:
     sliding = visibility(inputs.attention_mask, inputs.visual_mask(), 5, hollow_window=3)
     assert sliding[0, 12].nonzero().flatten().tolist() == [10, 11, 12]  # the window of 5 drops the prefix
     assert sliding[0, 15].nonzero().flatten().tolist() == [11, 12, 13, 14, 15]
+    # the window counts real tokens: padding inside row 1's span does not push 6..8 out of it
+    assert sliding[1, 14].nonzero().flatten().tolist() == [6, 7, 8, 13, 14]
 
 
 def test_hollow_attention_equals_a_per_query_loop(case: Case) -> None:
     """The attention output of a hollow layer against a loop over each query's visible keys, written from
-    METHODS.md alone: transformers' own rotary function, no mask tensor."""
+    METHODS.md alone: transformers' own rotary function, no mask tensor. A sliding window keeps a key
+    when fewer than W real tokens lie in [key, query)."""
     model, window = case.model, 3
     lm = model.model.language_model
     inputs = span_case(model, seed=5)
@@ -242,7 +247,7 @@ def test_hollow_attention_equals_a_per_query_loop(case: Case) -> None:
                     key
                     for key in range(query + 1)
                     if inputs.attention_mask[row, key]
-                    and (sliding is None or key > query - sliding)
+                    and (sliding is None or int(inputs.attention_mask[row, key:query].sum()) < sliding)
                     and not (start <= query < end and start <= key < end and key <= query - window)
                 ]
                 for head in range(heads):
@@ -309,14 +314,19 @@ def test_probes_and_channels_are_the_specified_ones(
         assert torch.allclose(out[~visual], mlp(x[~visual]))
 
 
+def test_real_tokens_inside_the_span_are_refused(cases: dict[str, Case]) -> None:
+    inputs = span_case(cases["llama"].model)
+    inputs.attention_mask[1, 10] = 1  # a real token after row 1's 5 visual tokens, inside the span
+    with pytest.raises(ValueError, match="must be padding"):
+        ReferenceInputs(**vars(inputs))
+
+
 # 5. Padding inside the visual span.
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_padding_inside_the_span_equals_the_row_alone(cases: dict[str, Case], name: str) -> None:
-    """Rows of 16 and 10 visual tokens; the shorter is padded inside the span. (Not on a sliding-window
-    backbone: its window counts columns, padding ones included, as transformers does.)"""
-    case = cases[name]
+def test_padding_inside_the_span_equals_the_row_alone(case: Case) -> None:
+    """Rows of 16 and 10 visual tokens; the shorter is padded inside the span. On the sliding-window
+    backbones this holds because the window counts real tokens, not columns."""
     model = case.model
     inputs = case.encode([[{"type": "image"}, {"type": "text", "text": QUESTION}]] * 2, [4, 5])
     full = prepare_inputs(model, inputs["input_ids"], inputs["pixel_values"])
@@ -330,7 +340,9 @@ def test_padding_inside_the_span_equals_the_row_alone(cases: dict[str, Case], na
     alone_mask = torch.ones(alone_embeds.shape[:2], dtype=torch.long)
     alone = ReferenceInputs(alone_embeds, alone_mask, runtime_position_ids(alone_mask), start, [short])
     first = ReferenceInputs(embeds[:1], mask[:1], runtime_position_ids(mask[:1]), start, [length])
-    reductions = Reductions(hollow_layers=(0, 1), hollow_window=4, ffn_layers=(0, 1), ffn_keep=0.3, probe_every=3)
+    reductions = Reductions(
+        hollow_layers=(0, 1), hollow_window=4, ffn_layers=(0, 1), ffn_keep=0.3, probe_every=3
+    )
     decoder = ReducedDecoder(model, reductions)
     got = decoder.logits(batch)
     assert relative_error(got[1], decoder.logits(alone)[0]) < TOLERANCE

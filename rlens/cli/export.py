@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
+from rlens.cli.args import add_reduction_args, reduction_options
 from rlens.cli.tables import print_table
+
+if TYPE_CHECKING:
+    from rlens.manifest import CostInfo
+    from rlens.reductions import Reductions
 
 DESCRIPTION = (
     "Export a local transformers LLaVA checkpoint (LLaMA, Mistral or Qwen2 text backbone) to an "
@@ -30,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1e-3,
         help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default 1e-3)",
     )
+    add_reduction_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -42,13 +49,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rlens.exporter.export import ExportOptions, export
 
-    manifest = export(args.model_dir, args.output, ExportOptions(atol=args.atol, progress=not args.quiet))
-    v = manifest.validation
-    assert v is not None
+    options = ExportOptions(atol=args.atol, progress=not args.quiet, **reduction_options(args))
+    manifest = export(args.model_dir, args.output, options)
+    v, cost, r = manifest.validation, manifest.cost, manifest.reductions
+    assert v is not None and cost is not None
     summary = {
         "output": args.output,
         "graphs": {name: g.file for name, g in manifest.graphs.items()},
         "num_visual_tokens": manifest.model.num_visual_tokens,
+        "reductions": {
+            "hollow_layers": list(r.hollow_layers),
+            "hollow_window": r.hollow_window,
+            "ffn_layers": list(r.ffn_layers),
+            "ffn_keep": r.ffn_keep,
+            "probe_every": r.probe_every,
+        },
+        "prefill_flops": {
+            "prompt_tokens": cost.prompt_tokens,
+            "unreduced": cost.unreduced["total"],
+            "exported": cost.reduced["total"],
+        },
         "validation": {
             "image_features": v.image_features_max_diff,
             "prefill_logits": v.prefill_logits_max_diff,
@@ -81,3 +101,18 @@ def run(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+def print_flops(cost: CostInfo, r: Reductions) -> None:
+    """Prefill GFLOPs of the exported configuration beside the unreduced one."""
+    print(
+        f"\nprefill of {cost.prompt_tokens} tokens ({cost.visual_tokens} visual); "
+        f"hollow layers {list(r.hollow_layers) or '-'} (window {r.hollow_window}), "
+        f"PAD-FFN layers {list(r.ffn_layers) or '-'} (keep {r.ffn_keep:g}, probe every {r.probe_every})"
+    )
+    rows = []
+    for part in ("vision", "decoder", "lm_head", "total"):
+        before, after = cost.unreduced[part], cost.reduced[part]
+        saving = f"{100 * (1 - after / before):.1f}%" if before else "-"
+        rows.append([part, f"{before / 1e9:.4f}", f"{after / 1e9:.4f}", saving])
+    print_table(["GFLOPs", "unreduced", "exported", "saving"], rows)

@@ -2,6 +2,7 @@
 
     rlens export MODEL_DIR -o OUT_DIR     checkpoint -> artifact directory (also `rlens-export`)
     rlens run OUT_DIR --image --prompt    answer a question with the exported pipeline
+    rlens bench                           prefill time vs FLOPs of the reductions (random weights)
     rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
 
 User errors print one line and exit 1; torch and transformers are imported only by the
@@ -16,12 +17,13 @@ import sys
 from collections.abc import Sequence
 
 from rlens import __version__
+from rlens.cli import bench as bench_cmd
 from rlens.cli import export as export_cmd
 from rlens.cli import make_tiny as make_tiny_cmd
 from rlens.cli import run as run_cmd
 from rlens.errors import RlensError
 
-SUBCOMMANDS = (export_cmd, run_cmd, make_tiny_cmd)
+SUBCOMMANDS = (export_cmd, run_cmd, bench_cmd, make_tiny_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rlens.errors import RlensError
+from rlens.flops import Geometry
 from rlens.graphs.builder import Weights
 from rlens.graphs.decoder import DecoderSpec
 from rlens.graphs.vision import VisionSpec
@@ -147,6 +148,27 @@ def vision_spec(model: Any) -> VisionSpec:
         drop_cls=strategy == "default",
         projector_act=config.projector_hidden_act,
         text_hidden_size=config.text_config.hidden_size,
+    )
+
+
+def flop_geometry(model: Any) -> Geometry:
+    """The sizes ``rlens.flops`` counts with."""
+    dec, vis = decoder_spec(model), vision_spec(model)
+    vision = model.config.vision_config
+    return Geometry(
+        hidden_size=dec.hidden_size,
+        num_layers=dec.num_layers,
+        num_heads=dec.num_heads,
+        num_kv_heads=dec.num_kv_heads,
+        head_dim=dec.head_dim,
+        intermediate_size=dec.intermediate_size,
+        vocab_size=dec.vocab_size,
+        vision_hidden=vis.hidden_size,
+        vision_intermediate=vision.intermediate_size,
+        vision_layers_run=max(vis.feature_layers),
+        vision_tokens=vis.num_patches + 1,
+        patch_pixels=3 * vis.patch_size**2,
+        num_visual_tokens=vis.num_visual_tokens,
     )
 
 

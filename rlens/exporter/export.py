@@ -27,6 +27,7 @@ from rlens.errors import RlensError
 from rlens.exporter import checkpoint
 from rlens.exporter.prompt_layout import prompt_layout
 from rlens.exporter.validate import reference_sample, validate
+from rlens.flops import prefill_flops
 from rlens.graphs.builder import save
 from rlens.graphs.decoder import build_decoder
 from rlens.graphs.embedding import build_embedding
@@ -34,6 +35,7 @@ from rlens.graphs.vision import build_vision
 from rlens.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    CostInfo,
     GenerationInfo,
     GraphInfo,
     Manifest,
@@ -41,6 +43,13 @@ from rlens.manifest import (
     TensorInfo,
     TokenizerInfo,
     write_manifest,
+)
+from rlens.reductions import (
+    DEFAULT_FFN_KEEP,
+    DEFAULT_HOLLOW_WINDOW,
+    DEFAULT_PROBE_EVERY,
+    Reductions,
+    parse_layers,
 )
 from rlens.runtime.preprocess import ImageProcessorConfig
 
@@ -52,6 +61,56 @@ class ExportOptions:
     atol: float = 1e-3
     """Largest accepted difference to PyTorch, relative to max(1, max |reference|)."""
     progress: bool = True
+    hollow_layers: str = ""
+    """``N`` (first N of the ranking) or ``i,j,k``; empty: none."""
+    hollow_window: int = DEFAULT_HOLLOW_WINDOW
+    ffn_layers: str = ""
+    ffn_keep: float = DEFAULT_FFN_KEEP
+    probe_every: int = DEFAULT_PROBE_EVERY
+    ranking: Path | None = None
+    """A ranking.json from ``rlens rank``; ``calib`` runs the ranking when no file is given."""
+    calib: Path | None = None
+
+
+def resolve_reductions(options: ExportOptions, model_dir: Path, num_layers: int, work: Path) -> Reductions:
+    """Turn the layer options into layer indices, ranking the layers first when a count needs it."""
+    specs = (options.hollow_layers.strip(), options.ffn_layers.strip())
+    counts = any(s.isdigit() for s in specs)
+    ranking, source = None, None
+    if options.ranking is not None:
+        from rlens.exporter.layer_ranking import read_ranking
+
+        ranking, source = read_ranking(options.ranking), str(options.ranking)
+    elif options.calib is not None and counts:
+        from rlens.exporter.layer_ranking import rank_layers
+
+        log.info("ranking layers on %s (give --ranking to reuse a ranking)", options.calib)
+        path = work / "ranking.json"
+        ranking = rank_layers(
+            model_dir,
+            options.calib,
+            path,
+            hollow_window=options.hollow_window,
+            ffn_keep=options.ffn_keep,
+            probe_every=options.probe_every,
+            progress=options.progress,
+        )
+        source = "ranking.json"
+    if ranking is not None and ranking.num_layers != num_layers:
+        raise RlensError(
+            f"the ranking covers {ranking.num_layers} layers but the model has {num_layers}; "
+            "rank this model with `rlens rank`"
+        )
+    return Reductions(
+        hollow_layers=parse_layers(
+            specs[0], ranking.hollow_order if ranking else None, num_layers, "--hollow-layers"
+        ),
+        hollow_window=options.hollow_window,
+        ffn_layers=parse_layers(specs[1], ranking.ffn_order if ranking else None, num_layers, "--ffn-layers"),
+        ffn_keep=options.ffn_keep,
+        probe_every=options.probe_every,
+        ranking=source,
+    )
 
 
 def graph_info(model: ir.Model, files: list[str]) -> GraphInfo:
@@ -98,7 +157,9 @@ def generation_info(model: Any, tokenizer: Any) -> GenerationInfo:
     )
 
 
-def build_manifest(model: Any, processor: Any, graphs: dict[str, GraphInfo], model_dir: Path) -> Manifest:
+def build_manifest(
+    model: Any, processor: Any, graphs: dict[str, GraphInfo], model_dir: Path, reductions: Reductions
+) -> Manifest:
     """The manifest of a LLaVA export; the one place that decides what goes into ``rlens.json``."""
     import transformers
 
@@ -133,6 +194,7 @@ def build_manifest(model: Any, processor: Any, graphs: dict[str, GraphInfo], mod
         prompt=prompt_layout(processor),
         image_processor=ImageProcessorConfig.from_dict(processor.image_processor.to_dict()),
         generation=generation_info(model, tokenizer),
+        reductions=reductions,
         source={"model_dir": model_dir.name, "transformers_version": transformers.__version__},
     )
 
@@ -156,7 +218,7 @@ def load_processor(model_dir: Path) -> Any:
     return processor
 
 
-def write_graphs(model: Any, directory: Path, progress: bool) -> dict[str, GraphInfo]:
+def write_graphs(model: Any, directory: Path, progress: bool, reductions: Reductions) -> dict[str, GraphInfo]:
     """Build and save the three graphs, one at a time, so only one graph's nodes are alive at once."""
     text = model.config.text_config
     builders: dict[str, Callable[[], ir.Model]] = {
@@ -167,7 +229,12 @@ def write_graphs(model: Any, directory: Path, progress: bool) -> dict[str, Graph
             int(model.config.image_token_id),
             checkpoint.embedding_weights(model),
         ),
-        "decoder": lambda: build_decoder(checkpoint.decoder_spec(model), checkpoint.decoder_weights(model)),
+        "decoder": lambda: build_decoder(
+            checkpoint.decoder_spec(model),
+            checkpoint.decoder_weights(model),
+            reductions,
+            checkpoint.vision_spec(model).num_visual_tokens,
+        ),
     }
     graphs = {}
     for name, build in builders.items():
@@ -179,26 +246,36 @@ def write_graphs(model: Any, directory: Path, progress: bool) -> dict[str, Graph
 def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> Manifest:
     """Export a LLaVA checkpoint to an artifact directory; returns the manifest written."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    checkpoint.read_config(model_dir)
+    num_layers = int(checkpoint.read_config(model_dir)["text_config"].get("num_hidden_layers", 32))
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise RlensError(f"'{out_dir}' exists and is not an rlens artifact; choose another output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
+        reductions = resolve_reductions(options, model_dir, num_layers, work)  # may rank: before loading
         log.info("loading %s", model_dir)
         model = checkpoint.load_model(model_dir)
         processor = load_processor(model_dir)
-        graphs = write_graphs(model, work, options.progress)
+        graphs = write_graphs(model, work, options.progress, reductions)
         processor.save_pretrained(work)
-        manifest = build_manifest(model, processor, graphs, model_dir)
+        manifest = build_manifest(model, processor, graphs, model_dir, reductions)
         write_manifest(manifest, work)
         log.info("computing the PyTorch reference on a sample")
         sample = reference_sample(model, work, manifest)
+        geometry = checkpoint.flop_geometry(model)
         del model
         gc.collect()
         log.info("validating the artifact against it")
-        manifest = replace(manifest, validation=validate(work, sample, options.atol))
+        validation = validate(work, sample, options.atol)
+        tokens, visual = len(sample.prompt_ids), manifest.model.num_visual_tokens
+        cost = CostInfo(
+            prompt_tokens=tokens,
+            visual_tokens=visual,
+            unreduced=prefill_flops(geometry, tokens, visual).to_dict(),
+            reduced=prefill_flops(geometry, tokens, visual, reductions).to_dict(),
+        )
+        manifest = replace(manifest, validation=validation, cost=cost)
         write_manifest(manifest, work)
         _move_into_place(work, out_dir)
     finally:

@@ -12,15 +12,19 @@ Attention is dense and masked, in float32: clarity over speed. The mask is built
 :func:`visibility`, which is the definition the graphs must match:
 
 - base: query column q sees key column k iff ``k <= q``, ``attention_mask[b, k] == 1`` and, on a
-  sliding layer of window W, ``q - W < k`` (columns, as transformers counts them);
+  sliding layer of window W, k is one of the W latest real tokens up to q: ``t[q] - W < t[k]`` with
+  ``t = cumsum(mask) - mask`` the count of real tokens before a column. That is transformers'
+  ``q - W < k`` whenever a row has no padding between its tokens, and keeps padding inside a row
+  (the runtime pads inside the visual span) from shortening the window, as the graphs do;
 - hollow layer of window R: a visual query additionally sees a visual key only if ``q - R < k``.
 
 Masked scores are set to float32's minimum rather than ``-inf`` so a fully masked (padding) query row
 stays finite; what such a row computes is garbage that nothing reads.
 
-Row b's visual tokens are the columns ``visual_start .. visual_start + visual_lengths[b] - 1``; every
-other column of the row (text, padding inside the span, padding elsewhere) is non-visual, and its
-``attention_mask`` alone decides whether it is a real token.
+Row b's visual tokens are the columns ``visual_start .. visual_start + visual_lengths[b] - 1``; the
+columns after them up to ``visual_start + max(visual_lengths) - 1`` must be padding in that row (a
+row without an image is all padding there: the runtime's ``batch_layout``). Every non-visual column
+gets ordinary attention and the full FFN; its ``attention_mask`` decides whether it is a real token.
 
 Definitions: ../shared/METHODS.md ("Hollow Attention", "PAD-FFN").
 """
@@ -63,6 +67,13 @@ class ReferenceInputs:
         longest = max(self.visual_lengths, default=0)
         assert min(self.visual_lengths, default=0) >= 0, self.visual_lengths
         assert longest == 0 or 0 <= self.visual_start <= seq - longest, (self.visual_start, longest, seq)
+        span = self.attention_mask[:, self.visual_start : self.visual_start + longest].bool()
+        shorter = span & ~self.visual_mask()[:, self.visual_start : self.visual_start + longest]
+        if shorter.any():
+            raise ValueError(
+                f"row {int(shorter.any(1).nonzero()[0])} has real tokens inside the visual span after its "
+                "own visual tokens; those columns must be padding (attention_mask 0), as the graphs assume"
+            )
 
     def visual_mask(self) -> torch.Tensor:
         """[B, S] bool: True on row b's visual columns ``visual_start .. visual_start + V_b - 1``."""
@@ -168,14 +179,17 @@ def visibility(
 ) -> torch.Tensor:
     """[B, S, S] bool: query column q (dim 1) sees key column k (dim 2). The mask the graphs must match.
 
+    See the module docstring for the rules (causal, padding, sliding window in real tokens, hollow).
+
     ``visual`` [B, S] marks each row's visual columns; ``hollow_window`` None means a non-hollow layer.
     """
     seq = attention_mask.shape[1]
     q = torch.arange(seq)[:, None]
     k = torch.arange(seq)[None, :]
     visible = (k <= q)[None] & attention_mask.bool()[:, None, :]  # causal, real keys only
-    if sliding_window is not None:
-        visible = visible & (k > q - sliding_window)[None]
+    if sliding_window is not None:  # counted in real tokens: padding inside a row is not in the window
+        index = attention_mask.long().cumsum(-1) - attention_mask.long()  # [B, S] real tokens before
+        visible = visible & (index[:, None, :] > index[:, :, None] - sliding_window)
     if hollow_window is not None:
         visual_pair = visual[:, :, None] & visual[:, None, :]  # visual query, visual key
         visible = visible & (~visual_pair | (k > q - hollow_window)[None])
@@ -235,10 +249,10 @@ class ReducedDecoder:
     float rounding). It never modifies the model, so one loaded model can back many decoders.
     """
 
-    def __init__(self, model: Any, reductions: Reductions = Reductions()) -> None:
+    def __init__(self, model: Any, reductions: Reductions | None = None) -> None:
         self.model = model
         self.lm = model.model.language_model
-        self.reductions = reductions
+        self.reductions = reductions = reductions if reductions is not None else Reductions()
         self.num_layers = len(self.lm.layers)
         reductions.check_layers(self.num_layers)
         self.sliding = sliding_windows(self.lm.config)
@@ -278,7 +292,8 @@ class ReducedDecoder:
     ) -> torch.Tensor:
         """One pre-norm decoder layer: h + attn(norm(h)), then h + ffn(norm(h))."""
         layer = self.lm.layers[i]
-        hidden = hidden + attention(layer.self_attn, layer.input_layernorm(hidden), rope, self.mask(i, inputs))
+        visible = self.mask(i, inputs)
+        hidden = hidden + attention(layer.self_attn, layer.input_layernorm(hidden), rope, visible)
         return hidden + self.ffn(i, layer.post_attention_layernorm(hidden), inputs, visual)
 
     def mask(self, i: int, inputs: ReferenceInputs) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""Option groups shared by subcommands, so a flag means the same thing everywhere it appears."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rlens.reductions import DEFAULT_FFN_KEEP, DEFAULT_HOLLOW_WINDOW, DEFAULT_PROBE_EVERY
+
+
+def add_reduction_parameter_args(p: argparse.ArgumentParser) -> None:
+    """The parameters of each reduction (used by `rank` and `export`)."""
+    g = p.add_argument_group("reduction parameters (RedundancyLens)")
+    g.add_argument(
+        "--hollow-window",
+        type=int,
+        default=DEFAULT_HOLLOW_WINDOW,
+        metavar="R",
+        help=f"Hollow Attention: visual tokens see the R latest visual tokens (default "
+        f"{DEFAULT_HOLLOW_WINDOW})",
+    )
+    g.add_argument(
+        "--ffn-keep",
+        type=float,
+        default=DEFAULT_FFN_KEEP,
+        metavar="RHO",
+        help=f"PAD-FFN: share of FFN channels visual tokens keep; 0 skips their FFN (default "
+        f"{DEFAULT_FFN_KEEP})",
+    )
+    g.add_argument(
+        "--probe-every",
+        type=int,
+        default=DEFAULT_PROBE_EVERY,
+        metavar="S",
+        help=f"PAD-FFN: one probe token per S visual tokens (default {DEFAULT_PROBE_EVERY})",
+    )
+
+
+def add_reduction_args(p: argparse.ArgumentParser) -> None:
+    """Which layers get which reduction (used by `export`)."""
+    add_reduction_parameter_args(p)
+    g = p.add_argument_group("reduced layers")
+    g.add_argument(
+        "--hollow-layers",
+        default="",
+        metavar="N|i,j,k",
+        help="layers with Hollow Attention: the first N of the ranking, or a list (one layer: 'i,')",
+    )
+    g.add_argument(
+        "--ffn-layers",
+        default="",
+        metavar="N|i,j,k",
+        help="layers with PAD-FFN: the first N of the ranking, or a list (one layer: 'i,')",
+    )
+    g.add_argument(
+        "--ranking", type=Path, metavar="RANKING.json", help="layer ranking written by `rlens rank`"
+    )
+    g.add_argument(
+        "--calib",
+        type=Path,
+        metavar="CALIB.jsonl",
+        help="rank the layers on this calibration set when a count is given without --ranking",
+    )
+
+
+def reduction_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        hollow_layers=args.hollow_layers,
+        hollow_window=args.hollow_window,
+        ffn_layers=args.ffn_layers,
+        ffn_keep=args.ffn_keep,
+        probe_every=args.probe_every,
+        ranking=args.ranking,
+        calib=args.calib,
+    )
