@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             ["decode logits", f"{v.decode_logits_max_diff:.2e}"],
         ],
     )
+    print_flops(cost, r)
     return 0
 
 

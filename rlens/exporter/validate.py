@@ -50,22 +50,32 @@ def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest) -> Samp
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
-        out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
-        prefill = out.logits[0, -1]
-        token = int(prefill.argmax())
-        step = model(
-            input_ids=torch.tensor([[token]]),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-            attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long),
-        )
+        if manifest.reductions.active:  # the PyTorch reference of the reductions is the oracle
+            from rlens.exporter.reference import ReducedDecoder, prepare_inputs
+
+            decoder = ReducedDecoder(model, manifest.reductions)
+            inputs = prepare_inputs(model, input_ids, pixels)
+            prefill = decoder.logits(inputs)[0]
+            token = int(prefill.argmax())
+            new_embeds = model.model.get_input_embeddings()(torch.tensor([[token]]))
+            decode = decoder.logits(inputs.append(new_embeds))[0]
+        else:  # transformers itself is the oracle
+            out = model(input_ids=input_ids, pixel_values=pixels, use_cache=True)
+            prefill = out.logits[0, -1]
+            token = int(prefill.argmax())
+            decode = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long),
+            ).logits[0, -1]
     return Sample(
         image=image,
         prompt_ids=ids,
         image_features=features.numpy(),
         prefill_logits=prefill.numpy(),
         next_token=token,
-        decode_logits=step.logits[0, -1].numpy(),
+        decode_logits=decode.numpy(),
     )
 
 

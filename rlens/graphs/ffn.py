@@ -15,28 +15,42 @@ from rlens.graphs.layers import activation
 
 @dataclass(frozen=True)
 class FfnWeights:
-    """The three SwiGLU matrices as graph values, ``[in, out]``; made once and shared by every path."""
+    """The three SwiGLU matrices as graph values, made once and shared by every path of a layer.
 
-    gate: ir.Value  # [d, d_ff]
-    up: ir.Value  # [d, d_ff]
+    ``down`` is ``[d_ff, d]`` (``[in, out]``). ``gate`` and ``up`` are ``[d, d_ff]`` in a plain layer;
+    in a PAD-FFN layer they keep PyTorch's ``[d_ff, d]`` (``channels_first``), so that gathering the
+    selected channels copies whole contiguous rows instead of scattered columns, and multiply as
+    ``x @ W^T`` (ONNX Runtime folds that Transpose into its MatMul).
+    """
+
+    gate: ir.Value
+    up: ir.Value
     down: ir.Value  # [d_ff, d]
+    channels_first: bool = False
 
     @classmethod
-    def of(cls, b: GraphBuilder, weights: Weights, prefix: str) -> FfnWeights:
+    def of(cls, b: GraphBuilder, weights: Weights, prefix: str, channels_first: bool = False) -> FfnWeights:
         if any(f"{prefix}.{p}.bias" in weights for p in ("gate_proj", "up_proj", "down_proj")):
             raise RlensError("FFN layers with biases (mlp_bias=True) are not supported")
-        return cls(
-            *(
-                b.weight(weights.get(f"{prefix}.{p}.weight", transpose=True))
-                for p in ("gate_proj", "up_proj", "down_proj")
-            )
+        gate, up = (
+            b.weight(weights.get(f"{prefix}.{p}.weight", transpose=not channels_first))
+            for p in ("gate_proj", "up_proj")
         )
+        return cls(
+            gate, up, b.weight(weights.get(f"{prefix}.down_proj.weight", transpose=True)), channels_first
+        )
+
+    def project(self, b: GraphBuilder, x: ir.Value, w: ir.Value) -> ir.Value:
+        """``x`` through ``gate`` or ``up``, whatever their layout."""
+        if not self.channels_first:
+            return b.op("MatMul", x, w)
+        return b.op("MatMul", x, b.op("Transpose", w, perm=[1, 0]))
 
 
 def swiglu(b: GraphBuilder, x: ir.Value, w: FfnWeights, hidden_act: str) -> ir.Value:
     """``down(act(gate(x)) * up(x))``: the gated FFN of LLaMA, Mistral and Qwen2."""
-    gate = activation(b, b.op("MatMul", x, w.gate), hidden_act)
-    return b.op("MatMul", b.op("Mul", gate, b.op("MatMul", x, w.up)), w.down)
+    gate = activation(b, w.project(b, x, w.gate), hidden_act)
+    return b.op("MatMul", b.op("Mul", gate, w.project(b, x, w.up)), w.down)
 
 
 def swiglu_ffn(b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, hidden_act: str) -> ir.Value:
@@ -102,7 +116,7 @@ def pad_ffn(
     assert chunk.visual_start is not None and chunk.visual_max is not None
     vs, V = chunk.visual_start, chunk.visual_max
     with b.scope("pad_ffn"):
-        w = FfnWeights.of(b, weights, prefix)
+        w = FfnWeights.of(b, weights, prefix, channels_first=True)
         vend = b.op("Add", vs, V)
         x_text = b.op("Concat", b.slice(x, 0, vs, 1), b.slice(x, vend, chunk.new, 1), axis=1)
         y_text = swiglu(b, x_text, w, hidden_act)  # [B, S - V, d]
@@ -110,10 +124,14 @@ def pad_ffn(
         if keep == 0:
             y_vis = b.op("Mul", x_vis, b.const(0.0, np.float32))
         else:
+
+            def gathered(x: ir.Value, rows: ir.Value) -> ir.Value:  # x [B, V, d] @ rows^T -> [B, V, K]
+                return b.op("MatMul", x, b.op("Transpose", rows, perm=[0, 2, 1]))
+
             columns, weight = probe_columns(b, chunk, probe_every)
             probes = b.op("GatherND", x, b.op("Unsqueeze", columns, b.const([-1])), batch_dims=1)  # [B, P, d]
             m = b.op(
-                "Mul", activation(b, b.op("MatMul", probes, w.gate), hidden_act), b.op("MatMul", probes, w.up)
+                "Mul", activation(b, w.project(b, probes, w.gate), hidden_act), w.project(b, probes, w.up)
             )  # [B, P, d_ff]
             score = b.op(
                 "ReduceSum",
@@ -124,10 +142,10 @@ def pad_ffn(
             _, idx = b.ops(
                 "TopK", score, b.const([keep]), num_outputs=2, axis=-1, largest=1, sorted=1
             )  # [B, K]
-            gate = b.op("Transpose", b.op("Gather", w.gate, idx, axis=1), perm=[1, 0, 2])  # [B, d, K]
-            up = b.op("Transpose", b.op("Gather", w.up, idx, axis=1), perm=[1, 0, 2])  # [B, d, K]
+            gate = b.op("Gather", w.gate, idx, axis=0)  # [B, K, d]: whole rows, one per kept channel
+            up = b.op("Gather", w.up, idx, axis=0)  # [B, K, d]
             down = b.op("Gather", w.down, idx, axis=0)  # [B, K, d]
-            h = b.op("Mul", activation(b, b.op("MatMul", x_vis, gate), hidden_act), b.op("MatMul", x_vis, up))
+            h = b.op("Mul", activation(b, gathered(x_vis, gate), hidden_act), gathered(x_vis, up))
             y_vis = b.op("MatMul", h, down)  # [B, V, d]
         return b.op(
             "Concat",
