@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from rlens.graphs.attention import apply_rotary, attention, causal_mask, chunk_of, rotary_tables
+from rlens.graphs.attention import MASKED, apply_rotary, attention, causal_mask, chunk_of, rotary_tables
 from rlens.graphs.builder import BOOL, FLOAT, INT64, ArrayWeights, GraphBuilder
 from rlens.graphs.layers import activation, rms_norm
 
@@ -93,8 +93,9 @@ def test_causal_mask(window: int | None, new: int) -> None:
     def build(b: GraphBuilder, i: list[ir.Value]) -> ir.Value:
         return causal_mask(b, chunk_of(b, i[0], i[1]), window)
 
-    got = run_graph(build, {"x": embeds, "attention_mask": attention_mask}, BOOL)
-    np.testing.assert_array_equal(got[:, 0, 0], reference_mask(attention_mask, new, window))
+    got = run_graph(build, {"x": embeds, "attention_mask": attention_mask})
+    np.testing.assert_array_equal(got[:, 0, 0] == 0, reference_mask(attention_mask, new, window))
+    assert set(np.unique(got)) <= {0.0, MASKED}
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (6, 1)])
@@ -109,7 +110,7 @@ def test_attention_equals_sdpa(heads: int, kv_heads: int) -> None:
 
     got = run_graph(
         lambda b, i: attention(b, i[0], i[1], i[2], i[3], heads, kv_heads, D),
-        {"q": q, "k": k, "v": v, "mask": mask},
+        {"q": q, "k": k, "v": v, "mask": np.where(mask, 0.0, MASKED).astype(np.float32)},
     )
     rep = heads // kv_heads
     expected = F.scaled_dot_product_attention(
@@ -125,7 +126,8 @@ def test_attention_on_a_fully_masked_row_is_finite() -> None:
     """Left padding makes rows with no visible key; they must not become NaN and poison the cache."""
     q = rng.normal(size=(1, 2, 2, 4)).astype(np.float32)
     k = rng.normal(size=(1, 2, 2, 4)).astype(np.float32)
-    mask = np.array([[[[[False, False], [True, True]]]]])
+    mask = np.where(np.array([[[[[False, False], [True, True]]]]]), 0.0, MASKED).astype(np.float32)
+    q[0, 0, 0] = -1e4  # a large score of either sign must not push a masked one to -inf
     got = run_graph(
         lambda b, i: attention(b, i[0], i[1], i[1], i[2], 2, 2, 4), {"q": q, "k": k, "mask": mask}
     )

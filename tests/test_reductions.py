@@ -58,32 +58,53 @@ def reference_model(checkpoint: Path) -> LlavaForConditionalGeneration:
 
 
 def export(exported: dict[str, Exported], case: Case, out: Path) -> Path:
-    args = ["export", str(exported[case.backbone].checkpoint), "-o", str(out), "-q",
-            "--hollow-layers", case.hollow, "--hollow-window", str(case.window), "--ffn-layers", case.ffn,
-            "--ffn-keep", str(case.keep), "--probe-every", str(case.probe_every)]
+    args = [
+        "export",
+        str(exported[case.backbone].checkpoint),
+        "-o",
+        str(out),
+        "-q",
+        "--hollow-layers",
+        case.hollow,
+        "--hollow-window",
+        str(case.window),
+        "--ffn-layers",
+        case.ffn,
+        "--ffn-keep",
+        str(case.keep),
+        "--probe-every",
+        str(case.probe_every),
+    ]
     assert rlens_main(args) == 0
     return out
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def reduced(request: pytest.FixtureRequest, exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory
-            ) -> tuple[Case, Pipeline, ReducedDecoder]:
+def reduced(
+    request: pytest.FixtureRequest, exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Case, Pipeline, ReducedDecoder]:
     case = CASES[request.param]
     artifact = export(exported, case, tmp_path_factory.mktemp("reduced") / request.param)
     model = reference_model(exported[case.backbone].checkpoint)
     return case, Pipeline.load(artifact), ReducedDecoder(model, case.reductions)
 
 
-def runtime_inputs(pipeline: Pipeline, images: list, questions: list[str]
-                   ) -> tuple[list[list[int]], np.ndarray, ReferenceInputs]:
+def runtime_inputs(
+    pipeline: Pipeline, images: list, questions: list[str]
+) -> tuple[list[list[int]], np.ndarray, ReferenceInputs]:
     """The runtime's own batch layout and embeddings, handed to the reference unchanged."""
     ids, features, _ = pipeline.encode_prompts(images, questions)
     m = pipeline.manifest
     tokens, mask, span = batch_layout(ids, m.model.image_token_id, m.tokenizer.pad_token_id)
     embeds = pipeline.embed(tokens, features)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    ref = ReferenceInputs(torch.from_numpy(embeds), torch.from_numpy(mask), torch.from_numpy(positions),
-                          span.start, span.lengths)
+    ref = ReferenceInputs(
+        torch.from_numpy(embeds),
+        torch.from_numpy(mask),
+        torch.from_numpy(positions),
+        span.start,
+        span.lengths,
+    )
     return ids, features, ref
 
 
@@ -118,8 +139,9 @@ def test_greedy_generation_equals_the_reference(reduced: tuple[Case, Pipeline, R
     result = pipeline.generate(image, question, max_new_tokens=20)
     pixels = torch.from_numpy(preprocess(image, pipeline.image_config))
     with torch.no_grad():
-        expected = decoder.generate(torch.tensor([result.prompt_ids]), pixels, 20,
-                                    pipeline.manifest.generation.eos_token_ids)
+        expected = decoder.generate(
+            torch.tensor([result.prompt_ids]), pixels, 20, pipeline.manifest.generation.eos_token_ids
+        )
     assert len(result.token_ids) >= 10
     assert result.token_ids == expected
 
@@ -137,38 +159,100 @@ def test_the_reductions_change_the_logits(
     assert np.abs(reduced_logits - plain_logits).max() > 1e-3
 
 
-def test_window_above_v_and_keep_1_reproduce_the_unreduced_model(exported: dict[str, Exported],
-                                                                  tmp_path: Path) -> None:
+def test_window_above_v_and_keep_1_reproduce_the_unreduced_model(
+    exported: dict[str, Exported], tmp_path: Path
+) -> None:
     case = Case("llama", "0,1,2", 16, "0,1,2", 1.0, 10)  # V = 16 visual tokens
     pipeline = Pipeline.load(export(exported, case, tmp_path / "exact"))
     plain = Pipeline.load(exported["llama"].artifact)
     image, question = make_image(81), "What is in the picture?"
     ids, features, _ = pipeline.encode_prompts([image], [question])
-    np.testing.assert_allclose(pipeline.prefill(ids, features)[0], plain.prefill(ids, features)[0], rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        pipeline.prefill(ids, features)[0], plain.prefill(ids, features)[0], rtol=1e-4, atol=1e-5
+    )
     assert pipeline.generate(image, question, 24).token_ids == plain.generate(image, question, 24).token_ids
 
 
-def test_a_count_without_a_ranking_is_refused(exported: dict[str, Exported], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    code = rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q",
-                       "--hollow-layers", "2"])
+def test_a_count_without_a_ranking_is_refused(
+    exported: dict[str, Exported], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = rlens_main(
+        ["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q", "--hollow-layers", "2"]
+    )
     assert code == 1 and "needs a ranking" in capsys.readouterr().err
-    code = rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q",
-                       "--ffn-layers", "0,7"])
+    code = rlens_main(
+        ["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q", "--ffn-layers", "0,7"]
+    )
     assert code == 1 and "layers 0..2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
 def test_export_with_a_ranking_takes_its_prefix(exported: dict[str, Exported], tmp_path: Path) -> None:
-    ranking = {"version": 1, "num_layers": 3, "complete": True, "fingerprint": {},
-               "parameters": {"hollow_window": 4, "ffn_keep": 0.2, "probe_every": 10},
-               "hollow": {"order": [2, 0, 1], "scores": [0.0, 0.1, 0.2]},
-               "ffn": {"order": [1, 2, 0], "scores": [0.0, 0.1, 0.2]}}
+    ranking = {
+        "version": 1,
+        "num_layers": 3,
+        "complete": True,
+        "fingerprint": {},
+        "parameters": {"hollow_window": 4, "ffn_keep": 0.2, "probe_every": 10},
+        "hollow": {"order": [2, 0, 1], "scores": [0.0, 0.1, 0.2]},
+        "ffn": {"order": [1, 2, 0], "scores": [0.0, 0.1, 0.2]},
+    }
     (tmp_path / "ranking.json").write_text(json.dumps(ranking))
     out = tmp_path / "ranked"
-    assert rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(out), "-q", "--ranking",
-                       str(tmp_path / "ranking.json"), "--hollow-layers", "2", "--ffn-layers", "1",
-                       "--hollow-window", "4"]) == 0
+    assert (
+        rlens_main(
+            [
+                "export",
+                str(exported["llama"].checkpoint),
+                "-o",
+                str(out),
+                "-q",
+                "--ranking",
+                str(tmp_path / "ranking.json"),
+                "--hollow-layers",
+                "2",
+                "--ffn-layers",
+                "1",
+                "--hollow-window",
+                "4",
+            ]
+        )
+        == 0
+    )
     r = read_manifest(out).reductions
     assert (r.hollow_layers, r.ffn_layers) == ((2, 0), (1,))
+
+
+def test_export_with_calib_ranks_then_exports(exported: dict[str, Exported], tmp_path: Path) -> None:
+    for i in range(2):
+        make_image(90 + i).save(tmp_path / f"calib{i}.png")
+    (tmp_path / "calib.jsonl").write_text(
+        '{"image": "calib0.png", "prompt": "What is in the picture?", "answer": "A red circle."}\n'
+        '{"image": "calib1.png", "prompt": "Colour?"}\n'
+    )
+    out = tmp_path / "ranked"
+    assert (
+        rlens_main(
+            [
+                "export",
+                str(exported["llama"].checkpoint),
+                "-o",
+                str(out),
+                "-q",
+                "--calib",
+                str(tmp_path / "calib.jsonl"),
+                "--hollow-layers",
+                "1",
+                "--ffn-layers",
+                "2",
+                "--hollow-window",
+                "4",
+            ]
+        )
+        == 0
+    )
+    ranking = json.loads((out / "ranking.json").read_text())
+    r = read_manifest(out).reductions
+    assert r.hollow_layers == tuple(ranking["hollow"]["order"][:1])
+    assert r.ffn_layers == tuple(ranking["ffn"]["order"][:2])
+    assert r.ranking == "ranking.json"

@@ -53,6 +53,9 @@ def run_cli(args: argparse.Namespace) -> int:
     except RlensError as e:
         print(f"rlens: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `rlens ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("rlens: interrupted", file=sys.stderr)
         return 130

@@ -94,6 +94,25 @@ def load_model(model_dir: Path) -> Any:
     return model.eval()
 
 
+def load_processor(model_dir: Path) -> Any:
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise RlensError(
+            f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint "
+            "needs its tokenizer and image processor files, as processor.save_pretrained writes "
+            "them"
+        ) from e
+    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+        raise RlensError(
+            f"'{model_dir}' has no LLaVA processor (tokenizer + image processor); save one with "
+            "processor.save_pretrained"
+        )
+    return processor
+
+
 def decoder_spec(model: Any) -> DecoderSpec:
     """The decoder geometry of a loaded LLaVA, with RoPE frequencies taken from its own rotary module."""
     config = model.config.text_config

@@ -199,25 +199,6 @@ def build_manifest(
     )
 
 
-def load_processor(model_dir: Path) -> Any:
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as e:
-        raise RlensError(
-            f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint "
-            "needs its tokenizer and image processor files, as processor.save_pretrained writes "
-            "them"
-        ) from e
-    if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
-        raise RlensError(
-            f"'{model_dir}' has no LLaVA processor (tokenizer + image processor); save one with "
-            "processor.save_pretrained"
-        )
-    return processor
-
-
 def write_graphs(model: Any, directory: Path, progress: bool, reductions: Reductions) -> dict[str, GraphInfo]:
     """Build and save the three graphs, one at a time, so only one graph's nodes are alive at once."""
     text = model.config.text_config
@@ -256,7 +237,7 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
         reductions = resolve_reductions(options, model_dir, num_layers, work)  # may rank: before loading
         log.info("loading %s", model_dir)
         model = checkpoint.load_model(model_dir)
-        processor = load_processor(model_dir)
+        processor = checkpoint.load_processor(model_dir)
         graphs = write_graphs(model, work, options.progress, reductions)
         processor.save_pretrained(work)
         manifest = build_manifest(model, processor, graphs, model_dir, reductions)

@@ -281,7 +281,7 @@ def load_scorer(
     progress: bool = False,
 ) -> LayerScorer:
     """A :class:`LayerScorer` for a checkpoint directory and a calibration file."""
-    from rlens.exporter.checkpoint import load_model
+    from rlens.exporter.checkpoint import load_model, load_processor
 
     Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
     calibration = read_calibration(calib_path)
@@ -295,18 +295,6 @@ def load_scorer(
         probe_every=probe_every,
         progress=progress,
     )
-
-
-def load_processor(model_dir: Path) -> Any:
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError) as e:
-        raise RlensError(
-            f"cannot load the processor of '{model_dir}' ({str(e).splitlines()[0]}); the checkpoint needs "
-            "its tokenizer and image processor files"
-        ) from e
 
 
 # -- the ranking file --------------------------------------------------------------------------
@@ -504,7 +492,7 @@ def rank_layers(
     """
     from transformers import AutoConfig
 
-    from rlens.exporter.checkpoint import load_model, read_config
+    from rlens.exporter.checkpoint import load_model, load_processor, read_config
 
     model_dir, calib_path, output_path = Path(model_dir), Path(calib_path), Path(output_path)
     Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
