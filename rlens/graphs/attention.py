@@ -259,18 +259,21 @@ def hollow_attention(
         scores_pre = b.op("Reshape", scores_pre, b.shape_of(batch, G, R, nb, block, pre_width), allowzero=1)
         pre_mask = mask_bias(b, visibility(b, chunk, q_pos, pre_pos, sliding_window))
 
-        # window keys: own block and nw before it, gathered as shifted copies of the block grid
-        def key_windows(x: ir.Value) -> ir.Value:  # [B, G, T, D] -> [B, G, nb, width, D]
+        # window keys: the block grid shifted by 0..nw blocks; block j of the queries meets block
+        # j - s of the keys in shift s, so each shift is one batched [blk x blk] product per block
+        def shifted_grids(x: ir.Value) -> list[ir.Value]:  # [B, G, T, D] -> nw+1 x [B, G, 1, nb, blk, D]
             grid = b.op(
                 "Reshape", visual_columns(x, vis_start), b.shape_of(batch, G, nb, block, D), allowzero=1
             )
             grid = b.op("Pad", grid, b.const([0, 0, nw, 0, 0, 0, 0, 0, 0, 0]))  # nw empty blocks in front
-            shifted = [
-                b.slice(grid, nw - s, b.op("Add", blocks, b.const(nw - s)), 2) for s in range(nw, -1, -1)
+            return [
+                b.op(
+                    "Unsqueeze", b.slice(grid, nw - s, b.op("Add", blocks, b.const(nw - s)), 2), b.const([2])
+                )
+                for s in range(nw, -1, -1)
             ]
-            return shifted[0] if len(shifted) == 1 else b.op("Concat", *shifted, axis=3)
 
-        k_win, v_win = key_windows(k), key_windows(v)
+        k_grids, v_grids = shifted_grids(k), shifted_grids(v)
         first_key = b.op("Mul", b.op("Range", b.const(0), blocks, one), b.const(block))  # [nb]
         k_idx = b.op(
             "Add", b.op("Unsqueeze", first_key, b.const([-1])), b.const(np.arange(width) - nw * block)
@@ -284,25 +287,30 @@ def hollow_attention(
         win_mask = mask_bias(
             b, visibility(b, chunk, q_pos, b.op("Add", k_idx, vis_start), sliding_window, in_window)
         )
-        scores_win = b.op(
-            "MatMul",
-            q_blocks,
-            b.op("Transpose", b.op("Unsqueeze", k_win, b.const([2])), perm=[0, 1, 2, 3, 5, 4]),
-        )  # [B, G, R, nb, blk, width]
+        scores_win = [
+            b.op("MatMul", q_blocks, b.op("Transpose", kg, perm=[0, 1, 2, 3, 5, 4])) for kg in k_grids
+        ]  # each [B, G, R, nb, blk, blk]
 
-        # one softmax over prefix and window keys, then two weighted sums
+        # one softmax over prefix and window keys, then the weighted sums of each part
         scores = b.op(
             "Concat",
             b.op("Add", scores_pre, pre_mask),
-            b.op("Add", scores_win, win_mask),
+            b.op(
+                "Add",
+                b.op("Concat", *scores_win, axis=-1) if len(scores_win) > 1 else scores_win[0],
+                win_mask,
+            ),
             axis=-1,
         )
         probs = b.op("Softmax", scores, axis=-1)
-        split = b.op("Concat", b.op("Unsqueeze", vis_start, b.const([0])), b.const([width]), axis=0)
-        probs_pre, probs_win = b.ops("Split", probs, split, num_outputs=2, axis=-1)
+        sizes = b.op(
+            "Concat", b.op("Unsqueeze", vis_start, b.const([0])), b.const([block] * len(v_grids)), axis=0
+        )
+        probs_pre, *probs_win = b.ops("Split", probs, sizes, num_outputs=1 + len(v_grids), axis=-1)
         probs_pre = b.op("Reshape", probs_pre, b.shape_of(batch, G, R, padded_1d, pre_width), allowzero=1)
         out_pre = b.op("MatMul", probs_pre, b.op("Unsqueeze", v_pre, b.const([2])))  # [B, G, R, nb*blk, D]
-        out_win = b.op("MatMul", probs_win, b.op("Unsqueeze", v_win, b.const([2])))  # [B, G, R, nb, blk, D]
+        out_win = [b.op("MatMul", p, vg) for p, vg in zip(probs_win, v_grids, strict=True)]
+        out_win = out_win[0] if len(out_win) == 1 else b.op("Sum", *out_win)  # [B, G, R, nb, blk, D]
         out_win = b.op("Reshape", out_win, b.shape_of(batch, G, R, padded_1d, D), allowzero=1)
         out_vis = b.op(
             "Reshape", b.op("Add", out_pre, out_win), b.shape_of(batch, H, padded_1d, D), allowzero=1
