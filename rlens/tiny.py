@@ -404,3 +404,157 @@ def _check_processor(processor: Any, spec: TinySpec) -> None:
         raise RuntimeError(f"processor made pixel_values of shape {shape}")
     if inputs["input_ids"][0, 0] != processor.tokenizer.bos_token_id:
         raise RuntimeError("processor output does not start with <s>")
+
+
+# -- a tiny CLIP for TRIM ------------------------------------------------------------------------
+# CLIP-style special tokens, added after training so they get the highest ids, as in OpenAI's
+# vocabulary (the legacy eos_token_id == 2 configs pool at the argmax id, which must be the eos).
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_VOCAB_SIZE = 700  # 512 byte symbols (plain and word-final), merges, 2 specials
+CLIP_MAX_POSITIONS = 77
+CLIP_PRETOKENIZE = (  # OpenAI CLIP's word split
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+
+
+def _train_clip_bpe() -> Tokenizer:
+    """CLIP's tokenizer pipeline (lowercase, CLIP's split, byte-level, ``</w>`` word ends) on ``CORPUS``.
+
+    The merges are learned here rather than by ``tokenizers``' trainer, whose tie-breaking with an
+    end-of-word suffix changes from run to run: the most frequent pair first, ties to the smallest.
+    As in OpenAI's vocabulary, ids are the 256 byte symbols, the same with ``</w>``, the merges,
+    then ``<|startoftext|>`` and ``<|endoftext|>`` last.
+    """
+    from collections import Counter
+    from itertools import pairwise
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_PRETOKENIZE), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    counts = Counter(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(CORPUS)))
+    words = {(*w[:-1], w[-1] + "</w>"): n for w, n in counts.items()}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = [*alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[tuple[str, str]] = []
+    while len(vocab) < CLIP_VOCAB_SIZE - 2:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, n in words.items():
+            for pair in pairwise(word):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        merged = {}
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = n
+        words = merged
+
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>")
+    )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.Sequence([decoders.Replace("</w>", " "), decoders.ByteLevel()])
+    tok.add_special_tokens([CLIP_BOS, CLIP_EOS])
+    bos, eos = tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS)
+    if eos != tok.get_vocab_size() - 1 or bos != eos - 1:
+        raise RuntimeError(f"CLIP special tokens got ids {bos}, {eos}; expected the last two")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}",
+        pair=f"{CLIP_BOS} $A {CLIP_EOS} $B {CLIP_EOS}",
+        special_tokens=[(CLIP_BOS, bos), (CLIP_EOS, eos)],
+    )
+    return tok
+
+
+def _make_clip_tokenizer() -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_clip_bpe(),
+        bos_token=CLIP_BOS,
+        eos_token=CLIP_EOS,
+        unk_token=CLIP_EOS,
+        pad_token=CLIP_EOS,  # as OpenAI's CLIP tokenizer: padding is eos, pooling takes the first one
+        padding_side="right",
+        model_max_length=CLIP_MAX_POSITIONS,
+    )
+    ids = tokenizer("What COLOR is the circle?")["input_ids"]
+    if ids[0] != tokenizer.bos_token_id or ids[-1] != tokenizer.eos_token_id or ids.count(ids[-1]) != 1:
+        raise RuntimeError(f"CLIP tokenizer should wrap text in one bos and one eos, got {ids}")
+    if ids != tokenizer("what color is the circle?")["input_ids"]:
+        raise RuntimeError("CLIP tokenizer must lowercase")
+    return tokenizer
+
+
+def make_tiny_clip(out_dir: str | Path, llava_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random ``CLIPModel`` and tokenizer whose vision tower is the LLaVA's at ``llava_dir``.
+
+    The vision model is a copy of LLaVA's tower (same config, same tensors, post_layernorm included),
+    so TRIM's tower check passes; the text model (2 layers, width 32, 4 heads, 77 positions), the
+    projections (to 16) and every bias and norm weight are random, deterministic from ``seed``. Loads
+    offline with ``CLIPModel.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)``.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
+    tower = llava.model.vision_tower
+    tokenizer = _make_clip_tokenizer()
+
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_POSITIONS,
+        hidden_act="quick_gelu",
+        initializer_range=TEXT_INIT_STD,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=tower.config.to_dict(), projection_dim=16)
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = CLIPModel(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    _randomize(model, gen)
+    with torch.no_grad():
+        for proj in (model.text_projection, model.visual_projection):
+            proj.weight.copy_(torch.randn(proj.weight.shape, generator=gen) * proj.in_features**-0.5)
+        missing = model.vision_model.load_state_dict(tower.state_dict(), strict=True)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise RuntimeError(f"vision tower copy mismatch: {missing}")
+
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(out)
+    return out

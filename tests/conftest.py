@@ -7,11 +7,13 @@ shorter than the prompts, Qwen2 with q/k/v biases.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rlens.cli.main import main as rlens_main
@@ -36,6 +38,15 @@ class Exported:
 def make_image(seed: int, size: tuple[int, int] = (40, 52)) -> Image.Image:
     """A deterministic noise picture (not square, so resizing and cropping matter)."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matrices: one torch thread is faster, and immune to the other core being busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

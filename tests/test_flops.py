@@ -5,9 +5,21 @@ from __future__ import annotations
 from rlens.flops import Geometry, causal_pairs, hollow_pairs_dropped, prefill_flops
 from rlens.reductions import Reductions, ffn_keep_channels, probe_indices
 
-G = Geometry(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, intermediate_size=20,
-             vocab_size=50, vision_hidden=6, vision_intermediate=12, vision_layers_run=1, vision_tokens=5,
-             patch_pixels=12, num_visual_tokens=4)
+G = Geometry(
+    hidden_size=8,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    intermediate_size=20,
+    vocab_size=50,
+    vision_hidden=6,
+    vision_intermediate=12,
+    vision_layers_run=1,
+    vision_tokens=5,
+    patch_pixels=12,
+    num_visual_tokens=4,
+)
 
 
 def test_unreduced_layer_by_hand() -> None:

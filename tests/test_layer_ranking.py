@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import make_image
 from PIL import Image
 
@@ -38,15 +36,6 @@ SAMPLES = [
     {"image": "shapes.png", "prompt": "Describe the image."},  # no answer: the model's own
     {"image": "ABSOLUTE", "prompt": "How many squares?", "answer": "Four."},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and immune to the other cores being busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

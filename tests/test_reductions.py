@@ -57,25 +57,20 @@ def reference_model(checkpoint: Path) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
+def run_export(checkpoint: Path, out: Path, *flags: str) -> int:
+    """``rlens export CHECKPOINT -o OUT -q FLAGS...`` through the CLI entry point."""
+    return rlens_main(["export", str(checkpoint), "-o", str(out), "-q", *flags])
+
+
 def export(exported: dict[str, Exported], case: Case, out: Path) -> Path:
-    args = [
-        "export",
-        str(exported[case.backbone].checkpoint),
-        "-o",
-        str(out),
-        "-q",
-        "--hollow-layers",
-        case.hollow,
-        "--hollow-window",
-        str(case.window),
-        "--ffn-layers",
-        case.ffn,
-        "--ffn-keep",
-        str(case.keep),
-        "--probe-every",
-        str(case.probe_every),
-    ]
-    assert rlens_main(args) == 0
+    flags = {
+        "--hollow-layers": case.hollow,
+        "--hollow-window": str(case.window),
+        "--ffn-layers": case.ffn,
+        "--ffn-keep": str(case.keep),
+        "--probe-every": str(case.probe_every),
+    }
+    assert run_export(exported[case.backbone].checkpoint, out, *(x for kv in flags.items() for x in kv)) == 0
     return out
 
 
@@ -176,14 +171,10 @@ def test_window_above_v_and_keep_1_reproduce_the_unreduced_model(
 def test_a_count_without_a_ranking_is_refused(
     exported: dict[str, Exported], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = rlens_main(
-        ["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q", "--hollow-layers", "2"]
-    )
-    assert code == 1 and "needs a ranking" in capsys.readouterr().err
-    code = rlens_main(
-        ["export", str(exported["llama"].checkpoint), "-o", str(tmp_path / "x"), "-q", "--ffn-layers", "0,7"]
-    )
-    assert code == 1 and "layers 0..2" in capsys.readouterr().err
+    assert run_export(exported["llama"].checkpoint, tmp_path / "x", "--hollow-layers", "2") == 1
+    assert "needs a ranking" in capsys.readouterr().err
+    assert run_export(exported["llama"].checkpoint, tmp_path / "x", "--ffn-layers", "0,7") == 1
+    assert "layers 0..2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -199,26 +190,8 @@ def test_export_with_a_ranking_takes_its_prefix(exported: dict[str, Exported], t
     }
     (tmp_path / "ranking.json").write_text(json.dumps(ranking))
     out = tmp_path / "ranked"
-    assert (
-        rlens_main(
-            [
-                "export",
-                str(exported["llama"].checkpoint),
-                "-o",
-                str(out),
-                "-q",
-                "--ranking",
-                str(tmp_path / "ranking.json"),
-                "--hollow-layers",
-                "2",
-                "--ffn-layers",
-                "1",
-                "--hollow-window",
-                "4",
-            ]
-        )
-        == 0
-    )
+    flags = ["--ranking", str(tmp_path / "ranking.json"), "--hollow-layers", "2", "--ffn-layers", "1"]
+    assert run_export(exported["llama"].checkpoint, out, *flags, "--hollow-window", "4") == 0
     r = read_manifest(out).reductions
     assert (r.hollow_layers, r.ffn_layers) == ((2, 0), (1,))
 
@@ -231,26 +204,8 @@ def test_export_with_calib_ranks_then_exports(exported: dict[str, Exported], tmp
         '{"image": "calib1.png", "prompt": "Colour?"}\n'
     )
     out = tmp_path / "ranked"
-    assert (
-        rlens_main(
-            [
-                "export",
-                str(exported["llama"].checkpoint),
-                "-o",
-                str(out),
-                "-q",
-                "--calib",
-                str(tmp_path / "calib.jsonl"),
-                "--hollow-layers",
-                "1",
-                "--ffn-layers",
-                "2",
-                "--hollow-window",
-                "4",
-            ]
-        )
-        == 0
-    )
+    flags = ["--calib", str(tmp_path / "calib.jsonl"), "--hollow-layers", "1", "--ffn-layers", "2"]
+    assert run_export(exported["llama"].checkpoint, out, *flags, "--hollow-window", "4") == 0
     ranking = json.loads((out / "ranking.json").read_text())
     r = read_manifest(out).reductions
     assert r.hollow_layers == tuple(ranking["hollow"]["order"][:1])

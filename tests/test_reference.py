@@ -9,7 +9,6 @@ loops and literal key lists rather than against the code under test.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +78,6 @@ class Case:
         positions = runtime_position_ids(inputs["attention_mask"])  # generate's positions on real tokens
         with torch.no_grad():
             return self.model(**inputs, position_ids=positions).logits
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster, and immune to the other cores being busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -118,35 +118,43 @@ def pad_ffn(
     with b.scope("pad_ffn"):
         w = FfnWeights.of(b, weights, prefix, channels_first=True)
         vend = b.op("Add", vs, V)
-        x_text = b.op("Concat", b.slice(x, 0, vs, 1), b.slice(x, vend, chunk.new, 1), axis=1)
-        y_text = swiglu(b, x_text, w, hidden_act)  # [B, S - V, d]
+        x_text = b.op("Concat", b.slice(x, 0, vs, 1), b.slice(x, vend, chunk.new, 1), axis=1)  # [B, S-V, d]
         x_vis = b.slice(x, vs, vend, 1)  # [B, V, d]
         if keep == 0:
+            y_text = swiglu(b, x_text, w, hidden_act)
             y_vis = b.op("Mul", x_vis, b.const(0.0, np.float32))
         else:
-
-            def gathered(x: ir.Value, rows: ir.Value) -> ir.Value:  # x [B, V, d] @ rows^T -> [B, V, K]
-                return b.op("MatMul", x, b.op("Transpose", rows, perm=[0, 2, 1]))
-
+            # text tokens and probes share one pass through the full W_g and W_u: the weights are read
+            # from memory once for both, which matters when these matrices are small in M
             columns, weight = probe_columns(b, chunk, probe_every)
             probes = b.op("GatherND", x, b.op("Unsqueeze", columns, b.const([-1])), batch_dims=1)  # [B, P, d]
-            m = b.op(
-                "Mul", activation(b, w.project(b, probes, w.gate), hidden_act), w.project(b, probes, w.up)
-            )  # [B, P, d_ff]
+            rows = b.op("Concat", x_text, probes, axis=1)
+            m_all = b.op(
+                "Mul", activation(b, w.project(b, rows, w.gate), hidden_act), w.project(b, rows, w.up)
+            )  # [B, S-V+P, d_ff]
+            text_count = b.op("Sub", chunk.new, V)
+            y_text = b.op("MatMul", b.slice(m_all, 0, text_count, 1), w.down)  # [B, S-V, d]
+            m = b.slice(m_all, text_count, b.op("Add", text_count, b.op("Squeeze", b.dim(probes, 1))), 1)
             score = b.op(
                 "ReduceSum",
                 b.op("Mul", b.op("Abs", m), b.op("Unsqueeze", weight, b.const([-1]))),
                 b.const([1]),
                 keepdims=0,
-            )  # [B, d_ff]
+            )  # [B, d_ff] = mean over each row's probes of |m|
             _, idx = b.ops(
                 "TopK", score, b.const([keep]), num_outputs=2, axis=-1, largest=1, sorted=1
             )  # [B, K]
+
+            # the gathered weight rows are the left operand of the gate/up products, so the GEMM packs
+            # only the (smaller) token side x^T [d, V]
+            x_t = b.op("Transpose", x_vis, perm=[0, 2, 1])  # [B, d, V]
             gate = b.op("Gather", w.gate, idx, axis=0)  # [B, K, d]: whole rows, one per kept channel
             up = b.op("Gather", w.up, idx, axis=0)  # [B, K, d]
             down = b.op("Gather", w.down, idx, axis=0)  # [B, K, d]
-            h = b.op("Mul", activation(b, gathered(x_vis, gate), hidden_act), gathered(x_vis, up))
-            y_vis = b.op("MatMul", h, down)  # [B, V, d]
+            h_t = b.op(
+                "Mul", activation(b, b.op("MatMul", gate, x_t), hidden_act), b.op("MatMul", up, x_t)
+            )  # [B, K, V]
+            y_vis = b.op("MatMul", b.op("Transpose", h_t, perm=[0, 2, 1]), down)  # [B, V, d]
         return b.op(
             "Concat",
             b.slice(y_text, 0, vs, 1),

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +90,18 @@ def batch_layout(
         masks.append([0] * lead + [1] * (len(before) + count) + [0] * gap + [1] * len(after))
     span = VisualSpan(start, [count for _, count, _ in parts])
     return np.array(rows, np.int64), np.array(masks, np.int64), span
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How long and how to generate; None means "the checkpoint's default" (rlens.json)."""
+
+    max_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -209,19 +222,19 @@ class Pipeline:
         self,
         prompts: list[list[int]],
         image_features: np.ndarray | None,
-        max_new_tokens: int,
-        options: SamplingOptions,
-        seed: int | None,
+        options: GenerateOptions,
         timings: Timings,
     ) -> Iterator[np.ndarray]:
-        """Yield the next token of every row until all rows hit EOS or ``max_new_tokens``."""
-        rng = np.random.default_rng(seed)
+        """Yield the next token of every row until all rows hit EOS or the token budget."""
+        rng = np.random.default_rng(options.seed)
+        sampling = self.sampling_options(options)
         eos = np.array(self.manifest.generation.eos_token_ids, dtype=np.int64)
-        budget = min(max_new_tokens, self.manifest.model.max_context - max(len(p) for p in prompts))
+        max_new = options.max_new_tokens or self.manifest.generation.max_new_tokens
+        budget = min(max_new, self.manifest.model.max_context - max(len(p) for p in prompts))
         logits, state = self.prefill(prompts, image_features)
         done = np.zeros(len(prompts), dtype=bool)
         for step in range(budget):
-            token = sample(logits, options, rng)
+            token = sample(logits, sampling, rng)
             token = np.where(done, self.manifest.tokenizer.pad_token_id, token)  # finished rows idle
             if step == 0:
                 timings.first_token = time.perf_counter()
@@ -236,19 +249,18 @@ class Pipeline:
         images: Sequence[ImageInput | None],
         prompts: Sequence[str],
         max_new_tokens: int | None = None,
-        *,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        **options: Any,
     ) -> list[Generation]:
-        """Answer several (image, prompt) pairs in one left-padded batch; each row as if alone."""
+        """Answer several (image, prompt) pairs in one batch; each row gets the answer it gets alone.
+
+        ``options``: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed`` (see
+        ``GenerateOptions``); unset ones come from the checkpoint's generation config.
+        """
         timings = Timings(start=time.perf_counter())
-        options = self.sampling_options(do_sample, temperature, top_k, top_p)
-        max_new = max_new_tokens if max_new_tokens is not None else self.manifest.generation.max_new_tokens
         prompt_ids, features, visual = self.encode_prompts(images, prompts)
-        steps = list(self.generate_tokens(prompt_ids, features, max_new, options, seed, timings))
+        steps = list(
+            self.generate_tokens(prompt_ids, features, GenerateOptions(max_new_tokens, **options), timings)
+        )
         timings.end = time.perf_counter()
         eos = set(self.manifest.generation.eos_token_ids)
         results = []
@@ -272,47 +284,34 @@ class Pipeline:
         return results
 
     def generate(
-        self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, **options: object
+        self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, **options: Any
     ) -> Generation:
         """Answer one question about one image (or none); options as ``generate_batch``."""
-        return self.generate_batch([image], [prompt], max_new_tokens, **options)[0]  # type: ignore[arg-type]
+        return self.generate_batch([image], [prompt], max_new_tokens, **options)[0]
 
     def stream(
-        self,
-        image: ImageInput | None,
-        prompt: str,
-        max_new_tokens: int | None = None,
-        *,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
+        self, image: ImageInput | None, prompt: str, max_new_tokens: int | None = None, **options: Any
     ) -> Iterator[str]:
-        """Yield the answer's text piece by piece as tokens are generated."""
-        options = self.sampling_options(do_sample, temperature, top_k, top_p)
-        max_new = max_new_tokens if max_new_tokens is not None else self.manifest.generation.max_new_tokens
+        """Yield the answer's text piece by piece as tokens are generated; options as ``generate_batch``."""
         prompt_ids, features, _ = self.encode_prompts([image], [prompt])
         eos = set(self.manifest.generation.eos_token_ids)
         steps = self.generate_tokens(
-            prompt_ids, features, max_new, options, seed, Timings(time.perf_counter())
+            prompt_ids, features, GenerateOptions(max_new_tokens, **options), Timings(time.perf_counter())
         )
         yield from stream_text(self.prompts, (int(t[0]) for t in steps if int(t[0]) not in eos))
 
-    def sampling_options(
-        self, do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None
-    ) -> SamplingOptions:
-        """Explicit arguments over the checkpoint's generation defaults from the manifest."""
+    def sampling_options(self, options: GenerateOptions) -> SamplingOptions:
+        """Explicit options over the checkpoint's generation defaults from the manifest."""
         g = self.manifest.generation
-        options = SamplingOptions(
-            do_sample=g.do_sample if do_sample is None else do_sample,
-            temperature=g.temperature if temperature is None else temperature,
-            top_k=g.top_k if top_k is None else top_k,
-            top_p=g.top_p if top_p is None else top_p,
+        sampling = SamplingOptions(
+            do_sample=g.do_sample if options.do_sample is None else options.do_sample,
+            temperature=g.temperature if options.temperature is None else options.temperature,
+            top_k=g.top_k if options.top_k is None else options.top_k,
+            top_p=g.top_p if options.top_p is None else options.top_p,
         )
-        if options.temperature <= 0 or not 0 < options.top_p <= 1 or options.top_k < 0:
+        if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise RlensError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-        return options
+        return sampling
 
     @property
     def cache_names(self) -> list[str]:
