@@ -105,7 +105,26 @@ class ValidationInfo:
     image_features_max_diff: float
     prefill_logits_max_diff: float
     decode_logits_max_diff: float
-    reference_tokens: list[int] = field(default_factory=list)
+    trim_features_max_diff: float | None = None
+    trim_tokens: int | None = None
+    """How many visual tokens TRIM keeps of the sample (a noise image; real images differ)."""
+
+
+@dataclass(frozen=True)
+class TrimInfo:
+    """TRIM: the ``trim`` graph replaces ``vision`` and keeps the visual tokens the instruction needs.
+
+    ``trim.onnx`` returns ``max_tokens`` rows (V + 1) and a per-image count; the runtime keeps the first
+    ``count`` rows. The instruction is tokenized with CLIP's own tokenizer, copied beside the graphs.
+    """
+
+    mode: str  # "iqr" | "ratio"
+    select: str  # "high" (the paper) | "low" (the public code)
+    max_tokens: int
+    ratio: float | None = None
+    clip_tokenizer: str = "clip/tokenizer.json"
+    clip_max_length: int = 77
+    clip_pad_token_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,8 @@ class CostInfo:
     visual_tokens: int
     unreduced: dict[str, int]
     reduced: dict[str, int]
+    reduced_visual_tokens: int | None = None
+    """Visual tokens the exported pipeline keeps of the sample (TRIM), when fewer than ``visual_tokens``."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,7 @@ class Manifest:
     image_processor: ImageProcessorConfig
     generation: GenerationInfo
     reductions: Reductions = field(default_factory=Reductions)
+    trim: TrimInfo | None = None
     cost: CostInfo | None = None
     source: dict[str, str] = field(default_factory=dict)
     validation: ValidationInfo | None = None

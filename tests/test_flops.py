@@ -56,5 +56,5 @@ def test_probe_indices_are_linspace_rounded_half_up() -> None:
     assert probe_indices(16, 10) == [0]
     assert probe_indices(576, 10)[:3] == [0, 10, 21]  # 575/56 = 10.27, 20.54
     assert probe_indices(576, 10)[-1] == 575
-    assert probe_indices(576, 10)[14] == 288  # 575 * 14 / 56 = 287.5 rounds up
+    assert probe_indices(576, 10)[28] == 288  # 575 * 28 / 56 = 287.5 rounds up
     assert ffn_keep_channels(0.2, 11008) == 2202 and ffn_keep_channels(1.0, 11008) == 11008

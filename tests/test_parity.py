@@ -88,7 +88,7 @@ def test_prefill_logits_within_1e4(case: tuple[Exported, Pipeline]) -> None:
     with torch.no_grad():
         expected = model(**inputs).logits[0, -1].numpy()
     ids = inputs["input_ids"][0].tolist()
-    logits, _ = pipeline.prefill([ids], pipeline.encode_images([image]))
+    logits, _ = pipeline.prefill([ids], pipeline.encode_images([image])[0])
     error = np.abs(logits[0] - expected).max() / np.abs(expected).max()
     assert error < 1e-4, error
 

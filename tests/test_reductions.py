@@ -124,7 +124,7 @@ def test_prefill_logits_equal_the_reference(reduced: tuple[Case, Pipeline, Reduc
     error = np.abs(logits - expected).max() / np.abs(expected).max()
     assert error < 1e-4, error
     # each row as if alone
-    alone, _ = pipeline.prefill(ids[1:], pipeline.encode_images(images[1:]))
+    alone, _ = pipeline.prefill(ids[1:], pipeline.encode_images(images[1:])[0])
     assert np.abs(alone[0] - logits[1]).max() / np.abs(logits[1]).max() < 1e-4
 
 

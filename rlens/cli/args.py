@@ -64,6 +64,34 @@ def add_reduction_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_trim_args(p: argparse.ArgumentParser) -> None:
+    """TRIM: keep the visual tokens the instruction needs (used by `export`)."""
+    g = p.add_argument_group("TRIM (token selection by CLIP similarity)")
+    g.add_argument(
+        "--clip-model",
+        type=Path,
+        metavar="DIR",
+        help="the CLIPModel LLaVA's vision tower comes from (local save_pretrained directory); enables TRIM",
+    )
+    g.add_argument(
+        "--trim",
+        default="",
+        metavar="iqr|ratio:R|off",
+        help="keep the IQR outliers (default with --clip-model), the top R share, or nothing",
+    )
+    g.add_argument(
+        "--trim-select",
+        default="high",
+        choices=["high", "low"],
+        help="high: most similar to the instruction (the paper); low: least similar (the public "
+        "code's behaviour)",
+    )
+
+
+def trim_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(clip_model=args.clip_model, trim=args.trim, trim_select=args.trim_select)
+
+
 def reduction_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         hollow_layers=args.hollow_layers,

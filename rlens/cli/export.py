@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from rlens.cli.args import add_reduction_args, reduction_options
+from rlens.cli.args import add_reduction_args, add_trim_args, reduction_options, trim_options
 from rlens.cli.tables import print_table
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default 1e-3)",
     )
     add_reduction_args(p)
+    add_trim_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -49,7 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from rlens.exporter.export import ExportOptions, export
 
-    options = ExportOptions(atol=args.atol, progress=not args.quiet, **reduction_options(args))
+    options = ExportOptions(
+        atol=args.atol, progress=not args.quiet, **reduction_options(args), **trim_options(args)
+    )
     manifest = export(args.model_dir, args.output, options)
     v, cost, r = manifest.validation, manifest.cost, manifest.reductions
     assert v is not None and cost is not None
@@ -63,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
             "ffn_layers": list(r.ffn_layers),
             "ffn_keep": r.ffn_keep,
             "probe_every": r.probe_every,
+        },
+        "trim": None
+        if manifest.trim is None
+        else {
+            "mode": manifest.trim.mode,
+            "ratio": manifest.trim.ratio,
+            "select": manifest.trim.select,
+            "max_tokens": manifest.trim.max_tokens,
+            "sample_tokens": cost.reduced_visual_tokens,
         },
         "prefill_flops": {
             "prompt_tokens": cost.prompt_tokens,
@@ -98,16 +110,31 @@ def run(args: argparse.Namespace) -> int:
             ["image features", f"{v.image_features_max_diff:.2e}"],
             ["prefill logits", f"{v.prefill_logits_max_diff:.2e}"],
             ["decode logits", f"{v.decode_logits_max_diff:.2e}"],
+            *(
+                [["TRIM features", f"{v.trim_features_max_diff:.2e}"]]
+                if v.trim_features_max_diff is not None
+                else []
+            ),
         ],
     )
+    if manifest.trim is not None:
+        t = manifest.trim
+        keeps = f"the top {t.ratio:g} share" if t.mode == "ratio" else "the IQR outliers"
+        print(
+            f"\nTRIM ({t.select} selection) keeps {keeps} of the {manifest.model.num_visual_tokens} visual "
+            f"tokens, plus one merged token: 1 to {t.max_tokens} per image; "
+            f"{cost.reduced_visual_tokens} on the validation sample (noise; real images differ)"
+        )
     print_flops(cost, r)
     return 0
 
 
 def print_flops(cost: CostInfo, r: Reductions) -> None:
     """Prefill GFLOPs of the exported configuration beside the unreduced one."""
+    kept = cost.reduced_visual_tokens
+    trimmed = f", {kept} after TRIM" if kept is not None and kept != cost.visual_tokens else ""
     print(
-        f"\nprefill of {cost.prompt_tokens} tokens ({cost.visual_tokens} visual); "
+        f"\nprefill of {cost.prompt_tokens} tokens ({cost.visual_tokens} visual{trimmed}); "
         f"hollow layers {list(r.hollow_layers) or '-'} (window {r.hollow_window}), "
         f"PAD-FFN layers {list(r.ffn_layers) or '-'} (keep {r.ffn_keep:g}, probe every {r.probe_every})"
     )

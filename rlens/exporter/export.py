@@ -42,6 +42,7 @@ from rlens.manifest import (
     ModelInfo,
     TensorInfo,
     TokenizerInfo,
+    TrimInfo,
     write_manifest,
 )
 from rlens.reductions import (
@@ -70,6 +71,76 @@ class ExportOptions:
     ranking: Path | None = None
     """A ranking.json from ``rlens rank``; ``calib`` runs the ranking when no file is given."""
     calib: Path | None = None
+    clip_model: Path | None = None
+    """The CLIPModel of LLaVA's vision tower: enables TRIM (``iqr`` unless ``trim`` says otherwise)."""
+    trim: str = ""
+    """``iqr``, ``ratio:R`` or ``off``; empty: ``iqr`` with a CLIP model, else ``off``."""
+    trim_select: str = "high"
+
+
+def resolve_trim(options: ExportOptions) -> tuple[str, float | None] | None:
+    """(mode, ratio) of TRIM, or None when it is off; checked before anything is loaded."""
+    spec = options.trim.strip() or ("iqr" if options.clip_model is not None else "off")
+    if spec == "off":
+        return None
+    if options.clip_model is None:
+        raise RlensError(f"--trim {spec} needs --clip-model DIR (the CLIPModel of LLaVA's vision tower)")
+    if options.trim_select not in ("high", "low"):
+        raise RlensError(f"--trim-select takes high or low, got '{options.trim_select}'")
+    if spec == "iqr":
+        return "iqr", None
+    if spec.startswith("ratio:"):
+        try:
+            ratio = float(spec.split(":", 1)[1])
+        except ValueError:
+            ratio = -1.0
+        if 0 < ratio <= 1:
+            return "ratio", ratio
+    raise RlensError(f"--trim takes iqr, ratio:R (0 < R <= 1) or off, got '{spec}'")
+
+
+def write_trim(
+    model: Any, options: ExportOptions, mode: str, ratio: float | None, work: Path
+) -> tuple[GraphInfo, TrimInfo, Any]:
+    """Check the CLIP model against LLaVA's tower, write trim.onnx and CLIP's tokenizer; returns the CLIP."""
+    from transformers import AutoTokenizer
+
+    from rlens.exporter.clip import check_same_vision_tower, clip_text_spec, clip_weights, load_clip
+    from rlens.graphs.trim import build_trim
+
+    assert options.clip_model is not None
+    clip = load_clip(options.clip_model)
+    check_same_vision_tower(model, clip)
+    spec = checkpoint.vision_spec(model)
+    log.info(
+        "building trim.onnx (%s, %s selection)", f"ratio {ratio}" if ratio else mode, options.trim_select
+    )
+    graph = build_trim(
+        spec,
+        *checkpoint.vision_weights(model),
+        clip_text_spec(clip),
+        clip_weights(clip),
+        options.trim_select,
+        mode,
+        ratio,
+    )
+    info = write_graph(graph, work, "trim", options.progress)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(options.clip_model)
+    except (OSError, ValueError) as e:
+        raise RlensError(f"cannot load the tokenizer of the CLIP model '{options.clip_model}': {e}") from e
+    tokenizer.save_pretrained(work / "clip")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else clip_text_spec(clip).eos_token_id
+    trim = TrimInfo(
+        mode=mode,
+        select=options.trim_select,
+        max_tokens=spec.num_visual_tokens + 1,
+        ratio=ratio,
+        clip_tokenizer="clip/tokenizer.json",
+        clip_max_length=min(77, clip.config.text_config.max_position_embeddings),
+        clip_pad_token_id=int(pad),
+    )
+    return info, trim, clip
 
 
 def resolve_reductions(options: ExportOptions, model_dir: Path, num_layers: int, work: Path) -> Reductions:
@@ -234,27 +305,33 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     work.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
+        trim_mode = resolve_trim(options)
         reductions = resolve_reductions(options, model_dir, num_layers, work)  # may rank: before loading
         log.info("loading %s", model_dir)
         model = checkpoint.load_model(model_dir)
         processor = checkpoint.load_processor(model_dir)
         graphs = write_graphs(model, work, options.progress, reductions)
+        trim, clip = None, None
+        if trim_mode is not None:
+            graphs["trim"], trim, clip = write_trim(model, options, *trim_mode, work)
         processor.save_pretrained(work)
-        manifest = build_manifest(model, processor, graphs, model_dir, reductions)
+        manifest = replace(build_manifest(model, processor, graphs, model_dir, reductions), trim=trim)
         write_manifest(manifest, work)
         log.info("computing the PyTorch reference on a sample")
-        sample = reference_sample(model, work, manifest)
+        sample = reference_sample(model, work, manifest, clip)
         geometry = checkpoint.flop_geometry(model)
-        del model
+        del model, clip
         gc.collect()
         log.info("validating the artifact against it")
         validation = validate(work, sample, options.atol)
         tokens, visual = len(sample.prompt_ids), manifest.model.num_visual_tokens
+        kept = validation.trim_tokens if validation.trim_tokens is not None else visual
         cost = CostInfo(
             prompt_tokens=tokens,
             visual_tokens=visual,
             unreduced=prefill_flops(geometry, tokens, visual).to_dict(),
-            reduced=prefill_flops(geometry, tokens, visual, reductions).to_dict(),
+            reduced=prefill_flops(geometry, tokens - visual + kept, kept, reductions).to_dict(),
+            reduced_visual_tokens=kept,
         )
         manifest = replace(manifest, validation=validation, cost=cost)
         write_manifest(manifest, work)

@@ -31,6 +31,7 @@ class Sample:
     prefill_logits: np.ndarray  # [vocab]
     next_token: int
     decode_logits: np.ndarray  # [vocab]
+    trim_features: np.ndarray | None = None  # [n, d]: what TRIM keeps of the sample, with its instruction
 
 
 def sample_image(size: int, seed: int = 0) -> Image.Image:
@@ -39,8 +40,8 @@ def sample_image(size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size + 11, size + 5, 3), dtype=np.uint8))
 
 
-def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest) -> Sample:
-    """Run the PyTorch model on the sample, laid out exactly as the runtime lays it out."""
+def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest, clip: Any = None) -> Sample:
+    """Run the PyTorch model (and TRIM, given the CLIP model) on the sample, laid out as the runtime does."""
     import torch
 
     image = sample_image(manifest.model.image_size)
@@ -69,7 +70,27 @@ def reference_sample(model: Any, artifact_dir: Path, manifest: Manifest) -> Samp
                 use_cache=True,
                 attention_mask=torch.ones(1, len(ids) + 1, dtype=torch.long),
             ).logits[0, -1]
+    trim_features = None
+    if manifest.trim is not None and clip is not None:
+        from rlens.exporter.trim_reference import trim_reference
+        from rlens.runtime.prompt import InstructionEncoder
+
+        clip_ids, clip_mask = InstructionEncoder(artifact_dir, manifest).encode([SAMPLE_PROMPT])
+        t = manifest.trim
+        with torch.no_grad():
+            ((_, kept),) = trim_reference(
+                model,
+                clip,
+                pixels,
+                torch.from_numpy(clip_ids),
+                torch.from_numpy(clip_mask),
+                t.select,
+                t.mode,
+                t.ratio,
+            )
+        trim_features = kept.numpy()
     return Sample(
+        trim_features=trim_features,
         image=image,
         prompt_ids=ids,
         image_features=features.numpy(),
@@ -89,22 +110,41 @@ def validate(artifact_dir: Path, sample: Sample, atol: float) -> ValidationInfo:
     from rlens.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.load(artifact_dir)
-    features = pipeline.encode_images([sample.image])
+    pixels = preprocess(sample.image, pipeline.image_config)
+    (features,) = pipeline.vision.run(None, {"pixel_values": pixels})
+    features = features[0]  # every visual token: the decoder is checked on the full image
     logits, state = pipeline.prefill([sample.prompt_ids], features)
     step = pipeline.decode_one_token(np.array([sample.next_token]), state)
+    trim_diff, trim_tokens = None, None
+    if sample.trim_features is not None:
+        kept, (count,) = pipeline.encode_images([sample.image], [SAMPLE_PROMPT])
+        if count != len(sample.trim_features):
+            raise RlensError(
+                f"the exported TRIM graph keeps {count} tokens of the sample where the PyTorch "
+                f"reference keeps {len(sample.trim_features)}; nothing was written"
+            )
+        trim_diff, trim_tokens = relative_error(kept, sample.trim_features), count
     info = ValidationInfo(
         atol=atol,
         image_features_max_diff=relative_error(features, sample.image_features),
         prefill_logits_max_diff=relative_error(logits[0], sample.prefill_logits),
         decode_logits_max_diff=relative_error(step[0], sample.decode_logits),
+        trim_features_max_diff=trim_diff,
+        trim_tokens=trim_tokens,
     )
-    worst = max(info.image_features_max_diff, info.prefill_logits_max_diff, info.decode_logits_max_diff)
+    worst = max(
+        info.image_features_max_diff,
+        info.prefill_logits_max_diff,
+        info.decode_logits_max_diff,
+        trim_diff or 0.0,
+    )
     if not worst <= atol:  # also catches NaN
         raise RlensError(
             "the exported graphs diverge from the PyTorch model: "
             f"image features {info.image_features_max_diff:.2e}, "
             f"prefill logits {info.prefill_logits_max_diff:.2e}, "
-            f"decode logits {info.decode_logits_max_diff:.2e} "
+            f"decode logits {info.decode_logits_max_diff:.2e}, "
+            f"TRIM features {trim_diff if trim_diff is not None else 0:.2e} "
             f"> --atol {atol:g}; nothing was written (report this with the checkpoint's config.json)"
         )
     return info

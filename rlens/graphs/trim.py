@@ -32,7 +32,7 @@ from rlens.errors import RlensError
 from rlens.graphs.attention import attention, mask_bias
 from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
 from rlens.graphs.layers import activation, layer_norm, linear
-from rlens.graphs.vision import VisionSpec, encoder_layer, patch_embeddings, projector
+from rlens.graphs.vision import VisionSpec, feature_states, projector
 
 SELECTS = ("high", "low")
 MODES = ("iqr", "ratio")
@@ -66,13 +66,7 @@ def tower_features(b: GraphBuilder, pixels: ir.Value, tower: Weights, spec: Visi
             f"TRIM needs one vision feature layer (this LLaVA concatenates {len(spec.feature_layers)}): "
             "CLIP's visual projection scores one hidden state"
         )
-    x = patch_embeddings(b, pixels, tower, spec)  # [B, 1 + N, C]
-    x = layer_norm(b, x, tower, "pre_layrnorm", spec.layer_norm_eps)  # hidden state 0
-    for i in range(spec.feature_layers[0]):
-        x = encoder_layer(b, x, tower, i, spec)
-    if spec.drop_cls:
-        x = b.slice(x, 1, 2**62, 1)  # [B, N, C]
-    return x
+    return feature_states(b, pixels, tower, spec)[0]  # [B, V, C]
 
 
 # -- the text side --------------------------------------------------------------------------------

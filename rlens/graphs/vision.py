@@ -115,24 +115,29 @@ def projector(b: GraphBuilder, x: ir.Value, weights: Weights, spec: VisionSpec) 
         )
 
 
+def feature_states(b: GraphBuilder, pixels: ir.Value, tower: Weights, spec: VisionSpec) -> list[ir.Value]:
+    """The tower's hidden states at each selected feature layer, CLS dropped as the strategy says.
+
+    Layers above the highest selected one are not built: their output is never used.
+    """
+    x = patch_embeddings(b, pixels, tower, spec)
+    hidden = [layer_norm(b, x, tower, "pre_layrnorm", spec.layer_norm_eps)]  # hidden state 0
+    for i in range(max(spec.feature_layers)):
+        hidden.append(encoder_layer(b, hidden[-1], tower, i, spec))
+    features = [hidden[i] for i in spec.feature_layers]
+    return [b.slice(f, 1, 2**62, 1) for f in features] if spec.drop_cls else features  # [B, V, C] each
+
+
 def build_vision(spec: VisionSpec, tower: Weights, projector_weights: Weights) -> ir.Model:
     """pixel_values [B, 3, H, W] -> image_features [B, V, d].
 
     ``tower`` holds the CLIP vision model's tensors under transformers' names
     (``encoder.layers.0.self_attn.q_proj.weight``), ``projector_weights`` the projector's
     (``linear_1.weight``).
-    Layers above the highest selected feature layer are not built: their output is never used.
     """
     b = GraphBuilder("vision")
     pixels = b.input("pixel_values", FLOAT, ["batch", 3, spec.image_size, spec.image_size])
-    x = patch_embeddings(b, pixels, tower, spec)
-    hidden = [layer_norm(b, x, tower, "pre_layrnorm", spec.layer_norm_eps)]
-    for i in range(max(spec.feature_layers)):
-        hidden.append(encoder_layer(b, hidden[-1], tower, i, spec))
-
-    features = [hidden[i] for i in spec.feature_layers]
-    if spec.drop_cls:
-        features = [b.op("Slice", f, b.const([1]), b.const([2**62]), b.const([1])) for f in features]
+    features = feature_states(b, pixels, tower, spec)
     selected = features[0] if len(features) == 1 else b.op("Concat", *features, axis=-1)
     b.output(
         projector(b, selected, projector_weights, spec),

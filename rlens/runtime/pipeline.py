@@ -23,7 +23,7 @@ import numpy as np
 from rlens.errors import RlensError
 from rlens.manifest import Manifest, read_manifest
 from rlens.runtime.preprocess import ImageInput, preprocess
-from rlens.runtime.prompt import PromptEncoder, stream_text
+from rlens.runtime.prompt import InstructionEncoder, PromptEncoder, stream_text
 from rlens.runtime.sampling import SamplingOptions, sample
 from rlens.runtime.sessions import open_session
 
@@ -130,6 +130,8 @@ class Pipeline:
         self.embedding = open_session(artifact_dir / graphs["embedding"].file, provider)
         self.decoder = open_session(artifact_dir / graphs["decoder"].file, provider)
         self.prompts = PromptEncoder(artifact_dir, manifest)
+        self.trim = open_session(artifact_dir / graphs["trim"].file, provider) if manifest.trim else None
+        self.instructions = InstructionEncoder(artifact_dir, manifest) if manifest.trim else None
         self.image_config = manifest.image_processor
         self.hidden_size = manifest.model.hidden_size
         self.takes_visual_span = any(t.name == "visual_start" for t in graphs["decoder"].inputs)
@@ -141,11 +143,25 @@ class Pipeline:
         return cls(directory, read_manifest(directory), provider)
 
     # -- the stages ------------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Images -> projected features, one row per visual token: [num_images * V, d]."""
+    def encode_images(
+        self, images: Sequence[ImageInput], questions: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Images -> projected features, one row per visual token [N, d], and the count per image.
+
+        With TRIM the ``trim`` graph scores the tokens against each image's question and returns the
+        ones it keeps (a fixed maximum of rows plus a count); without it every image gives V tokens.
+        """
         pixel_values = preprocess(list(images), self.image_config)
-        (features,) = self.vision.run(None, {"pixel_values": pixel_values})
-        return features.reshape(-1, self.hidden_size)
+        if self.trim is None:
+            (features,) = self.vision.run(None, {"pixel_values": pixel_values})
+            return features.reshape(-1, self.hidden_size), [features.shape[1]] * features.shape[0]
+        assert self.instructions is not None and questions is not None
+        ids, mask = self.instructions.encode(list(questions))
+        padded, counts = self.trim.run(
+            None, {"pixel_values": pixel_values, "clip_input_ids": ids, "clip_attention_mask": mask}
+        )
+        kept = [int(c) for c in counts]
+        return np.concatenate([rows[:n] for rows, n in zip(padded, kept, strict=True)]), kept
 
     def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         if image_features is None:
@@ -196,27 +212,30 @@ class Pipeline:
     # -- generation ------------------------------------------------------------------------------
     def encode_prompts(
         self, images: Sequence[ImageInput | None], prompts: Sequence[str]
-    ) -> tuple[list[list[int]], np.ndarray | None, int]:
-        """Prompt ids per row and the image features of the rows that have an image."""
+    ) -> tuple[list[list[int]], np.ndarray | None, list[int]]:
+        """Prompt ids per row (one image token per visual token), the image features, visual counts."""
         if len(images) != len(prompts):
             raise RlensError(
                 f"{len(images)} images for {len(prompts)} prompts; give one image (or None) each"
             )
-        given = [im for im in images if im is not None]
-        features = self.encode_images(given) if given else None
-        visual = self.manifest.model.num_visual_tokens
+        rows = [i for i, im in enumerate(images) if im is not None]
+        features, counts = None, [0] * len(prompts)
+        if rows:
+            features, kept = self.encode_images([images[i] for i in rows], [prompts[i] for i in rows])
+            for i, n in zip(rows, kept, strict=True):
+                counts[i] = n
         ids = [
-            self.prompts.encode(p, visual if im is not None else None)
-            for im, p in zip(images, prompts, strict=True)
+            self.prompts.encode(p, n if im is not None else None)
+            for im, p, n in zip(images, prompts, counts, strict=True)
         ]
         context = self.manifest.model.max_context
-        for row in ids:
+        for row, n in zip(ids, counts, strict=True):
             if len(row) >= context:
                 raise RlensError(
-                    f"the prompt is {len(row)} tokens ({visual} of them visual) and the model's "
+                    f"the prompt is {len(row)} tokens ({n} of them visual) and the model's "
                     f"context is {context}; shorten the prompt"
                 )
-        return ids, features, (visual if given else 0)
+        return ids, features, counts
 
     def generate_tokens(
         self,
@@ -275,7 +294,7 @@ class Pipeline:
                     text=self.prompts.decode(tokens),
                     token_ids=tokens,
                     prompt_ids=ids,
-                    num_visual_tokens=visual if images[row] is not None else 0,
+                    num_visual_tokens=visual[row],
                     ttft_ms=(timings.first_token - timings.start) * 1e3,
                     decode_tokens_per_s=_rate(len(steps) - 1, timings.end - timings.first_token),
                     finish_reason="eos" if tokens and tokens[-1] in eos else "length",

@@ -6,13 +6,17 @@ layout the exporter rendered into the manifest, so no transformers and no templa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from rlens.errors import RlensError
 from rlens.manifest import Manifest
+
+log = logging.getLogger("rlens")
 
 
 class PromptEncoder:
@@ -62,6 +66,42 @@ class PromptEncoder:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class InstructionEncoder:
+    """The user's question as CLIP's text tower reads it: no chat template, no image placeholder.
+
+    Truncated to CLIP's context (77 tokens, end-of-text kept last) with a warning, padded per batch.
+    """
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest) -> None:
+        assert manifest.trim is not None
+        path = artifact_dir / manifest.trim.clip_tokenizer
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise RlensError(f"cannot read CLIP tokenizer '{path}': {e}; re-export the model") from e
+        self.max_length = manifest.trim.clip_max_length
+        self.image_token = manifest.prompt.image_token
+        self.tokenizer.enable_truncation(self.max_length)
+        pad = manifest.trim.clip_pad_token_id
+        self.tokenizer.enable_padding(pad_id=pad, pad_token=self.tokenizer.id_to_token(pad) or "")
+
+    def encode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """CLIP token ids and attention mask [B, L] (int64) of the questions."""
+        texts = [" ".join(q.replace(self.image_token, " ").split()) for q in questions]
+        encodings = self.tokenizer.encode_batch(texts)
+        for text, encoding in zip(texts, encodings, strict=True):
+            if encoding.overflowing:
+                log.warning(
+                    "the instruction is longer than CLIP's %d tokens; TRIM scores its first %d: %.40s...",
+                    self.max_length,
+                    self.max_length,
+                    text,
+                )
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        return ids, mask
 
 
 def stream_text(encoder: PromptEncoder, tokens: Iterator[int]) -> Iterator[str]:
