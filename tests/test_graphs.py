@@ -94,7 +94,7 @@ def test_causal_mask(window: int | None, new: int) -> None:
         return causal_mask(b, chunk_of(b, i[0], i[1]), window)
 
     got = run_graph(build, {"x": embeds, "attention_mask": attention_mask})
-    np.testing.assert_array_equal(got[:, 0, 0] == 0, reference_mask(attention_mask, new, window))
+    np.testing.assert_array_equal(got[:, 0] == 0, reference_mask(attention_mask, new, window))
     assert set(np.unique(got)) <= {0.0, MASKED}
 
 
@@ -104,9 +104,7 @@ def test_attention_equals_sdpa(heads: int, kv_heads: int) -> None:
     q = rng.normal(size=(B, heads, S, D)).astype(np.float32)
     k = rng.normal(size=(B, kv_heads, T, D)).astype(np.float32)
     v = rng.normal(size=(B, kv_heads, T, D)).astype(np.float32)
-    mask = reference_mask(np.array([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9]), S, None)[
-        :, None, None
-    ]  # [B,1,1,S,T]
+    mask = reference_mask(np.array([[0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 9]), S, None)[:, None]  # [B,1,S,T]
 
     got = run_graph(
         lambda b, i: attention(b, i[0], i[1], i[2], i[3], heads, kv_heads, D),
@@ -117,7 +115,7 @@ def test_attention_equals_sdpa(heads: int, kv_heads: int) -> None:
         torch.from_numpy(q),
         torch.from_numpy(k).repeat_interleave(rep, 1),
         torch.from_numpy(v).repeat_interleave(rep, 1),
-        attn_mask=torch.from_numpy(mask[:, :, 0]),
+        attn_mask=torch.from_numpy(mask),
     )
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-5)
 
@@ -126,7 +124,7 @@ def test_attention_on_a_fully_masked_row_is_finite() -> None:
     """Left padding makes rows with no visible key; they must not become NaN and poison the cache."""
     q = rng.normal(size=(1, 2, 2, 4)).astype(np.float32)
     k = rng.normal(size=(1, 2, 2, 4)).astype(np.float32)
-    mask = np.where(np.array([[[[[False, False], [True, True]]]]]), 0.0, MASKED).astype(np.float32)
+    mask = np.where(np.array([[[[False, False], [True, True]]]]), 0.0, MASKED).astype(np.float32)
     q[0, 0, 0] = -1e4  # a large score of either sign must not push a masked one to -inf
     got = run_graph(
         lambda b, i: attention(b, i[0], i[1], i[1], i[2], 2, 2, 4), {"q": q, "k": k, "mask": mask}

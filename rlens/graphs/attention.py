@@ -134,11 +134,11 @@ def mask_bias(b: GraphBuilder, visible: ir.Value) -> ir.Value:
 
 
 def causal_mask(b: GraphBuilder, chunk: Chunk, sliding_window: int | None = None) -> ir.Value:
-    """The ordinary additive mask of a chunk: ``[B, 1, 1, S, T]``, query ``i`` at cache index ``P + i``."""
+    """The ordinary additive mask of a chunk: ``[B, 1, S, T]``, query ``i`` at cache index ``P + i``."""
     one = b.const(1)
     q_pos = b.op("Unsqueeze", b.op("Range", chunk.past, chunk.total, one), b.const([-1]))  # [S, 1]
     k_pos = b.op("Unsqueeze", b.op("Range", b.const(0), chunk.total, one), b.const([0]))  # [1, T]
-    return mask_bias(b, visibility(b, chunk, q_pos, k_pos, sliding_window))
+    return b.op("Squeeze", mask_bias(b, visibility(b, chunk, q_pos, k_pos, sliding_window)), b.const([2]))
 
 
 def attention(
@@ -153,23 +153,27 @@ def attention(
 ) -> ir.Value:
     """``softmax(q k^T / sqrt(D) | mask) v`` with grouped kv heads; q [B, H, S, D], k/v [B, G, T, D].
 
-    ``mask`` (``[B, 1, 1, S, T]``) is additive: 0 where visible, ``MASKED`` elsewhere (see
+    ``mask`` (``[B, 1, S, T]``) is additive: 0 where visible, ``MASKED`` elsewhere (see
     ``mask_bias``); None: every query sees every key.
-    Query heads are grouped as ``[B, G, R, S, D]`` and multiplied against ``[B, G, 1, T, D]`` keys by
-    broadcasting, so the kv heads are never repeated in memory.
+    The R query heads of a kv head are stacked along the sequence, ``[B, G, R*S, D]``, so every
+    product is a plain 4-D batched MatMul (ONNX Runtime's fast path) and the kv heads are never
+    repeated in memory; the mask is tiled R times to match.
     """
     with b.scope("sdpa"):
-        q = b.op("Mul", q, b.const(head_dim**-0.5, np.float32))
         group = num_heads // num_kv_heads
-        q = b.op("Reshape", q, b.shape_of(0, num_kv_heads, group, b.dim(q, 2), head_dim))  # [B, G, R, S, D]
-        k = b.op("Unsqueeze", k, b.const([2]))  # [B, G, 1, T, D]
-        v = b.op("Unsqueeze", v, b.const([2]))
-        scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 2, 4, 3]))  # [B, G, R, S, T]
+        q = b.op("Mul", q, b.const(head_dim**-0.5, np.float32))
+        if group > 1:
+            q = b.op("Reshape", q, b.const([0, num_kv_heads, -1, head_dim]))  # [B, G, R*S, D]
+        scores = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # [B, G, R*S, T]
         if mask is not None:
+            if group > 1:
+                mask = b.op("Tile", mask, b.const([1, 1, group, 1]))  # [B, 1, R*S, T]
             scores = b.op("Add", scores, mask)
         probs = b.op("Softmax", scores, axis=-1)
-        out = b.op("MatMul", probs, v)  # [B, G, R, S, D]
-        return b.op("Reshape", out, b.const([0, num_heads, -1, head_dim]))  # [B, H, S, D]
+        out = b.op("MatMul", probs, v)  # [B, G, R*S, D]
+        if group > 1:
+            out = b.op("Reshape", out, b.const([0, num_heads, -1, head_dim]))  # [B, H, S, D]
+        return out
 
 
 def hollow_attention(
@@ -222,6 +226,7 @@ def hollow_attention(
         text_mask = mask_bias(
             b, visibility(b, chunk, b.op("Unsqueeze", text_pos, b.const([-1])), all_keys, sliding_window)
         )
+        text_mask = b.op("Squeeze", text_mask, b.const([2]))  # [B, 1, S - V, T]
         out_text = attention(b, q_text, k, v, text_mask, H, G, D)  # [B, H, S - V, D]
 
         # -- visual queries: blocks of `block`, padded up to a whole number of blocks ------------

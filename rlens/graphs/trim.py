@@ -73,7 +73,7 @@ def tower_features(b: GraphBuilder, pixels: ir.Value, tower: Weights, spec: Visi
 def text_self_attention(
     b: GraphBuilder, x: ir.Value, mask: ir.Value, weights: Weights, prefix: str, spec: ClipTextSpec
 ) -> ir.Value:
-    """Multi-head attention under an additive causal + padding mask ``[B, 1, 1, L, L]``."""
+    """Multi-head attention under an additive causal + padding mask ``[B, 1, L, L]``."""
     H = spec.num_heads
     D = spec.hidden_size // H
     with b.scope("attn"):
@@ -126,7 +126,7 @@ def clip_text_encoder(
             )  # [L, L]: [q, k]
             real = b.op("Cast", b.op("Unsqueeze", attention_mask, b.const([1])), to=ir.DataType.BOOL)
             visible = b.op("And", causal, real)  # [B, L, L]
-            mask = mask_bias(b, b.op("Unsqueeze", visible, b.const([1, 2])))  # [B, 1, 1, L, L]
+            mask = mask_bias(b, b.op("Unsqueeze", visible, b.const([1])))  # [B, 1, L, L]
 
         for i in range(spec.num_layers):
             x = clip_text_layer(b, x, mask, weights, i, spec)
