@@ -83,14 +83,20 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 
 def load_model(model_dir: Path) -> Any:
     """``LlavaForConditionalGeneration`` in float32 on the CPU, in eval mode."""
-    import torch
     from transformers import LlavaForConditionalGeneration
 
     read_config(model_dir)
+    return load_pretrained(LlavaForConditionalGeneration, model_dir, "the LLaVA checkpoint")
+
+
+def load_pretrained(cls: Any, model_dir: Path, what: str) -> Any:
+    """``cls.from_pretrained(model_dir)`` in float32, in eval mode; a failure is one RlensError line."""
+    import torch
+
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise RlensError(f"cannot load the checkpoint in '{model_dir}': {str(e).splitlines()[0]}") from e
+        raise RlensError(f"cannot load {what} from '{model_dir}': {str(e).splitlines()[0]}") from e
     return model.eval()
 
 

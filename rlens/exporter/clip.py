@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlens.errors import RlensError
-from rlens.exporter.checkpoint import TorchWeights, vision_spec
+from rlens.exporter.checkpoint import TorchWeights, load_pretrained, vision_spec
 from rlens.graphs.trim import ClipTextSpec
 
 TOWER_RTOL = 2**-7
@@ -22,7 +22,6 @@ TOWER_ATOL = 1e-6
 
 def load_clip(model_dir: Path) -> Any:
     """``CLIPModel`` in float32 on the CPU, in eval mode."""
-    import torch
     from transformers import CLIPModel
 
     model_dir = Path(model_dir)
@@ -31,11 +30,7 @@ def load_clip(model_dir: Path) -> Any:
             f"'{model_dir}' is not a CLIP checkpoint directory (no config.json); give the CLIPModel "
             "the LLaVA vision tower comes from, as save_pretrained writes it"
         )
-    try:
-        model = CLIPModel.from_pretrained(model_dir, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise RlensError(f"cannot load a CLIPModel from '{model_dir}': {str(e).splitlines()[0]}") from e
-    return model.eval()
+    return load_pretrained(CLIPModel, model_dir, "a CLIPModel")
 
 
 def clip_text_spec(clip_model: Any) -> ClipTextSpec:

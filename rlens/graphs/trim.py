@@ -29,10 +29,10 @@ import numpy as np
 import onnx_ir as ir
 
 from rlens.errors import RlensError
-from rlens.graphs.attention import attention, mask_bias
+from rlens.graphs.attention import mask_bias
 from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
 from rlens.graphs.layers import activation, layer_norm, linear
-from rlens.graphs.vision import VisionSpec, feature_states, projector
+from rlens.graphs.vision import VisionSpec, feature_states, multi_head_attention, projector
 
 SELECTS = ("high", "low")
 MODES = ("iqr", "ratio")
@@ -70,23 +70,6 @@ def tower_features(b: GraphBuilder, pixels: ir.Value, tower: Weights, spec: Visi
 
 
 # -- the text side --------------------------------------------------------------------------------
-def text_self_attention(
-    b: GraphBuilder, x: ir.Value, mask: ir.Value, weights: Weights, prefix: str, spec: ClipTextSpec
-) -> ir.Value:
-    """Multi-head attention under an additive causal + padding mask ``[B, 1, L, L]``."""
-    H = spec.num_heads
-    D = spec.hidden_size // H
-    with b.scope("attn"):
-
-        def heads(name: str) -> ir.Value:  # [B, L, C] -> [B, H, L, D]
-            y = linear(b, x, weights, f"{prefix}.{name}")
-            return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, H, D])), perm=[0, 2, 1, 3])
-
-        out = attention(b, heads("q_proj"), heads("k_proj"), heads("v_proj"), mask, H, H, D)  # [B, H, L, D]
-        out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, H * D]))
-        return linear(b, out, weights, f"{prefix}.out_proj")
-
-
 def clip_text_layer(
     b: GraphBuilder, x: ir.Value, mask: ir.Value, weights: Weights, i: int, spec: ClipTextSpec
 ) -> ir.Value:
@@ -94,7 +77,7 @@ def clip_text_layer(
     p = f"text_model.encoder.layers.{i}"
     with b.scope(f"layers.{i}"):
         h = layer_norm(b, x, weights, f"{p}.layer_norm1", spec.layer_norm_eps)
-        x = b.op("Add", x, text_self_attention(b, h, mask, weights, f"{p}.self_attn", spec))
+        x = b.op("Add", x, multi_head_attention(b, h, weights, f"{p}.self_attn", spec.num_heads, mask))
         h = layer_norm(b, x, weights, f"{p}.layer_norm2", spec.layer_norm_eps)
         with b.scope("mlp"):
             h = activation(b, linear(b, h, weights, f"{p}.mlp.fc1"), spec.hidden_act)

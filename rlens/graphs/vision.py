@@ -64,19 +64,23 @@ def patch_embeddings(b: GraphBuilder, pixels: ir.Value, weights: Weights, spec: 
         return b.op("Add", x, b.weight(weights.get(f"{p}.position_embedding.weight")))
 
 
-def vision_self_attention(
-    b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, spec: VisionSpec
+def multi_head_attention(
+    b: GraphBuilder, x: ir.Value, weights: Weights, prefix: str, num_heads: int, mask: ir.Value | None = None
 ) -> ir.Value:
-    """Bidirectional multi-head attention over the patches (no mask, no rotary)."""
-    H = spec.num_heads
-    D = spec.hidden_size // H
+    """CLIP's attention block: q/k/v/out projections with biases, no rotary, optional additive mask.
+
+    The vision tower attends bidirectionally (``mask`` None); the CLIP text tower passes its causal
+    and padding mask ``[B, 1, L, L]``.
+    """
     with b.scope("attn"):
+        width = weights.get(f"{prefix}.q_proj.weight").shape[0]
+        H, D = num_heads, width // num_heads
 
         def heads(name: str) -> ir.Value:  # [B, N, C] -> [B, H, N, D]
             y = linear(b, x, weights, f"{prefix}.{name}")
             return b.op("Transpose", b.op("Reshape", y, b.const([0, 0, H, D])), perm=[0, 2, 1, 3])
 
-        out = attention(b, heads("q_proj"), heads("k_proj"), heads("v_proj"), None, H, H, D)
+        out = attention(b, heads("q_proj"), heads("k_proj"), heads("v_proj"), mask, H, H, D)  # [B, H, N, D]
         out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.const([0, 0, H * D]))
         return linear(b, out, weights, f"{prefix}.out_proj")
 
@@ -88,12 +92,12 @@ def encoder_layer(b: GraphBuilder, x: ir.Value, weights: Weights, i: int, spec: 
         x = b.op(
             "Add",
             x,
-            vision_self_attention(
+            multi_head_attention(
                 b,
                 layer_norm(b, x, weights, f"{p}.layer_norm1", spec.layer_norm_eps),
                 weights,
                 f"{p}.self_attn",
-                spec,
+                spec.num_heads,
             ),
         )
         h = layer_norm(b, x, weights, f"{p}.layer_norm2", spec.layer_norm_eps)
