@@ -211,3 +211,23 @@ def test_rlens_export_entry_point_matches_subcommand() -> None:
     with pytest.raises(SystemExit) as info:
         export_main(["--help"])
     assert info.value.code == 0
+
+
+def test_make_tiny_writes_a_clip_that_trim_accepts(tmp_path: Path) -> None:
+    result = rlens("make-tiny", str(tmp_path / "llava"), "--layers", "1", "--clip", str(tmp_path / "clip"))
+    assert result.returncode == 0, result.stderr
+    out = rlens(
+        "export",
+        str(tmp_path / "llava"),
+        "-o",
+        str(tmp_path / "out"),
+        "-q",
+        "--clip-model",
+        str(tmp_path / "clip"),
+        "--trim",
+        "ratio:0.5",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["trim"]["sample_tokens"] == 9 and summary["validation"]["trim_features"] < 1e-4

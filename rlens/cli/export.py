@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             "image_features": v.image_features_max_diff,
             "prefill_logits": v.prefill_logits_max_diff,
             "decode_logits": v.decode_logits_max_diff,
+            "trim_features": v.trim_features_max_diff,
             "atol": v.atol,
         },
     }

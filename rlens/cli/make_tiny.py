@@ -19,6 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default="llama", choices=BACKBONES, help="text backbone (default llama)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--clip",
+        metavar="CLIP_DIR",
+        help="also write a tiny CLIPModel sharing the vision tower, to try TRIM (--clip-model)",
+    )
     p.set_defaults(func=run)
 
 
@@ -29,4 +34,9 @@ def run(args: argparse.Namespace) -> int:
         args.output, TinySpec(backbone=args.backbone, num_layers=args.layers, seed=args.seed)
     )
     print(f"wrote a tiny {args.backbone} LLaVA checkpoint to {path}")
+    if args.clip:
+        from rlens.tiny import make_tiny_clip
+
+        clip = make_tiny_clip(args.clip, path, seed=args.seed)
+        print(f"wrote a tiny CLIP model with its vision tower to {clip}")
     return 0

@@ -306,6 +306,10 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
     work.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     try:
         trim_mode = resolve_trim(options)
+        if not options.progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         reductions = resolve_reductions(options, model_dir, num_layers, work)  # may rank: before loading
         log.info("loading %s", model_dir)
         model = checkpoint.load_model(model_dir)
