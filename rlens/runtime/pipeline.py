@@ -12,6 +12,7 @@ imports no torch and no transformers.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,6 @@ class Pipeline:
                 raise RlensError(
                     f"the manifest of '{artifact_dir}' names no '{name}' graph; re-export the model"
                 )
-        self.vision = open_session(artifact_dir / graphs["vision"].file, provider)
         self.embedding = open_session(artifact_dir / graphs["embedding"].file, provider)
         self.decoder = open_session(artifact_dir / graphs["decoder"].file, provider)
         self.prompts = PromptEncoder(artifact_dir, manifest)
@@ -135,6 +135,16 @@ class Pipeline:
         self.image_config = manifest.image_processor
         self.hidden_size = manifest.model.hidden_size
         self.takes_visual_span = any(t.name == "visual_start" for t in graphs["decoder"].inputs)
+        self.cache_names = [
+            f"past_key_values.{i}.{kv}" for i in range(manifest.model.num_layers) for kv in ("key", "value")
+        ]
+        if self.trim is None:
+            _ = self.vision  # the graph every image goes through: open it now, so a broken one fails at load
+
+    @functools.cached_property
+    def vision(self) -> Any:
+        """The plain vision graph, opened on first use: a TRIM pipeline answers through ``trim`` instead."""
+        return open_session(self.artifact_dir / self.manifest.graphs["vision"].file, self.provider)
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu") -> Pipeline:
@@ -331,14 +341,6 @@ class Pipeline:
         if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise RlensError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
         return sampling
-
-    @property
-    def cache_names(self) -> list[str]:
-        return [
-            f"past_key_values.{i}.{kv}"
-            for i in range(self.manifest.model.num_layers)
-            for kv in ("key", "value")
-        ]
 
 
 def _rate(count: int, seconds: float) -> float:
