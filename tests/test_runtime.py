@@ -76,3 +76,19 @@ def test_filters_match_transformers_warpers(top_k: int, top_p: float) -> None:
     if top_p < 1:
         theirs = TopPLogitsWarper(top_p)(None, theirs)
     np.testing.assert_array_equal(np.isinf(ours), torch.isinf(theirs).numpy())
+
+
+def test_gpu_providers_are_refused_clearly_without_the_gpu_build() -> None:
+    import onnxruntime as ort
+
+    from rlens.runtime.sessions import execution_providers
+
+    assert execution_providers("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(RlensError, match="unknown provider"):
+        execution_providers("tpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the refusal path cannot be exercised")
+    with pytest.raises(RlensError, match="install the GPU extra"):
+        execution_providers("cuda")
+    with pytest.raises(RlensError, match="TensorrtExecutionProvider"):
+        execution_providers("tensorrt")
