@@ -15,9 +15,10 @@ if TYPE_CHECKING:
 
 DESCRIPTION = (
     "Export a local transformers LLaVA checkpoint (LLaMA, Mistral or Qwen2 text backbone) to an "
-    "artifact directory: vision.onnx, embedding.onnx, decoder.onnx, rlens.json and the tokenizer "
-    "and processor files. The graphs are checked against the PyTorch model before the directory "
-    "appears."
+    "artifact directory: vision.onnx, embedding.onnx, decoder.onnx (with the chosen Hollow Attention and "
+    "PAD-FFN layers), trim.onnx with --clip-model, rlens.json and the tokenizer and processor files. The "
+    "graphs are checked against the PyTorch model (or the PyTorch reference of the reductions) before "
+    "the directory appears."
 )
 
 

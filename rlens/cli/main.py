@@ -31,7 +31,8 @@ SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, bench_cmd, make_tiny_cmd)
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rlens",
-        description=__doc__.split("\n\n")[0].strip("`: "),
+        description="Export LLaVA-family models to static ONNX graphs with their visual-token redundancy "
+        "cut out (Hollow Attention, PAD-FFN, TRIM), and run them with ONNX Runtime.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `rlens SUBCOMMAND --help` for the options of each.",
     )
