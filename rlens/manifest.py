@@ -166,6 +166,9 @@ def _parse(cls: Any, value: Any, where: str) -> Any:
         options = typing.get_args(cls)
         if value is None and type(None) in options:
             return None
+        present = [o for o in options if o is not type(None)]
+        if len(present) == 1:  # X | None: X's own error says what is wrong
+            return _parse(present[0], value, where)
         for option in options:
             if option is type(None):
                 continue

@@ -147,3 +147,11 @@ def test_stream_yields_the_same_text(case: tuple[Exported, Pipeline]) -> None:
     pieces = list(pipeline.stream(image, "Describe the image.", max_new_tokens=12))
     assert len(pieces) > 1
     assert "".join(pieces) == pipeline.generate(image, "Describe the image.", max_new_tokens=12).text
+
+
+def test_on_text_streams_the_answer_of_generate(case: tuple[Exported, Pipeline]) -> None:
+    _, pipeline = case
+    image, pieces = make_image(42), []
+    result = pipeline.generate(image, "What is it?", max_new_tokens=12, on_text=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == result.text
+    assert result.token_ids == pipeline.generate(image, "What is it?", max_new_tokens=12).token_ids

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,15 +283,33 @@ class Pipeline:
         """Answer several (image, prompt) pairs in one batch; each row gets the answer it gets alone.
 
         ``options``: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed`` (see
-        ``GenerateOptions``); unset ones come from the checkpoint's generation config.
+        ``GenerateOptions``); unset ones come from the checkpoint's generation config. With one row,
+        ``on_text`` (a callable) receives the answer's text piece by piece as it is generated.
         """
+        on_text: Callable[[str], None] | None = options.pop("on_text", None)
         timings = Timings(start=time.perf_counter())
         prompt_ids, features, visual = self.encode_prompts(images, prompts)
-        steps = list(
-            self.generate_tokens(prompt_ids, features, GenerateOptions(max_new_tokens, **options), timings)
-        )
-        timings.end = time.perf_counter()
         eos = set(self.manifest.generation.eos_token_ids)
+        step_iter = self.generate_tokens(
+            prompt_ids, features, GenerateOptions(max_new_tokens, **options), timings
+        )
+        if on_text is None:
+            steps = list(step_iter)
+        else:  # stream the (single) row's text while generating
+            if len(prompts) != 1:
+                raise RlensError("on_text streams one answer; pass one image and one prompt")
+            steps = []
+
+            def answer_tokens() -> Iterator[int]:
+                for step in step_iter:
+                    steps.append(step)
+                    if int(step[0]) in eos:
+                        return
+                    yield int(step[0])
+
+            for piece in stream_text(self.prompts, answer_tokens()):
+                on_text(piece)
+        timings.end = time.perf_counter()
         results = []
         for row, ids in enumerate(prompt_ids):
             tokens: list[int] = []

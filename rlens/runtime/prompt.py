@@ -115,3 +115,6 @@ def stream_text(encoder: PromptEncoder, tokens: Iterator[int]) -> Iterator[str]:
             continue
         yield text[len(emitted) :]
         emitted = text
+    text = encoder.decode(ids)
+    if len(text) > len(emitted):  # what was held back when the answer ended inside a character
+        yield text[len(emitted) :]
