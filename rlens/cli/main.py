@@ -3,6 +3,7 @@
     rlens export MODEL_DIR -o OUT_DIR     checkpoint -> artifact directory (also `rlens-export`)
     rlens run OUT_DIR --image --prompt    answer a question with the exported pipeline
     rlens rank MODEL_DIR --calib -o       rank the layers for Hollow Attention and PAD-FFN
+    rlens eval OUT_DIR --data DATA.jsonl  accuracy per question kind, visual tokens, time to first token
     rlens bench                           prefill time vs FLOPs of the reductions (random weights)
     rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
 
@@ -19,13 +20,14 @@ from collections.abc import Sequence
 
 from rlens import __version__
 from rlens.cli import bench as bench_cmd
+from rlens.cli import eval as eval_cmd
 from rlens.cli import export as export_cmd
 from rlens.cli import make_tiny as make_tiny_cmd
 from rlens.cli import rank as rank_cmd
 from rlens.cli import run as run_cmd
 from rlens.errors import RlensError
 
-SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, bench_cmd, make_tiny_cmd)
+SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, eval_cmd, bench_cmd, make_tiny_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -262,7 +262,10 @@ class Pipeline:
         budget = min(max_new, self.manifest.model.max_context - max(len(p) for p in prompts))
         logits, state = self.prefill(prompts, image_features)
         done = np.zeros(len(prompts), dtype=bool)
+        image_token = self.manifest.model.image_token_id
         for step in range(budget):
+            if image_token < logits.shape[-1]:  # a generated image placeholder would have no features
+                logits[:, image_token] = -np.inf
             token = sample(logits, sampling, rng)
             token = np.where(done, self.manifest.tokenizer.pad_token_id, token)  # finished rows idle
             if step == 0:
