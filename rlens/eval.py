@@ -17,30 +17,17 @@ With ``batch_size=1`` they are per question.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from PIL import Image
-
 from rlens.errors import RlensError
+from rlens.question_set import Question, read_questions
 from rlens.toy.data import is_correct
 
-DEFAULT_KIND = "all"
-
-
-@dataclass(frozen=True)
-class EvalSample:
-    """One line of the evaluation file, its image already read (a bad file fails before the model loads)."""
-
-    image: Image.Image
-    prompt: str
-    answer: str
-    kind: str
-    line: int
+EvalSample = Question
 
 
 @dataclass
@@ -121,52 +108,14 @@ def _check_options(max_new_tokens: int, batch_size: int, limit: int | None = Non
 
 
 def read_eval_set(path: str | Path, limit: int | None = None) -> list[EvalSample]:
-    """Parse an evaluation file (see the module docs); ``limit`` keeps the first N samples. Blank lines
-    are skipped. Every problem is a one-line :class:`RlensError` naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RlensError(
-            f"data file '{path}' does not exist; give a JSON-lines file with one "
-            '{"image": ..., "prompt": ..., "answer": ..., "kind": ...} object per line '
-            "(`rlens eval --toy-set N -o DATA.jsonl` writes one)"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RlensError(f"cannot read data file '{path}' ({' '.join(str(e).split())})") from e
-    samples: list[EvalSample] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if limit is not None and len(samples) >= limit:
-            break
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise RlensError(f"{path}, line {number}: not valid JSON ({e}); write one object per line") from e
-        if not isinstance(record, dict):
-            raise RlensError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        for key in ("image", "prompt", "answer"):
-            if not isinstance(record.get(key), str):
-                raise RlensError(
-                    f'{path}, line {number}: missing string key "{key}"; every line needs "image", '
-                    '"prompt" and "answer" ("kind" is optional)'
-                )
-        kind = record.get("kind", DEFAULT_KIND)
-        if not isinstance(kind, str) or not kind:
-            raise RlensError(f'{path}, line {number}: "kind" must be a non-empty string')
-        image_path = Path(record["image"]).expanduser()
-        image_path = image_path if image_path.is_absolute() else path.parent / image_path
-        try:
-            with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as e:
-            reason = " ".join(str(e).split()) or type(e).__name__
-            raise RlensError(f"{path}, line {number}: cannot read image '{image_path}' ({reason})") from e
-        samples.append(EvalSample(image, record["prompt"], record["answer"], kind, number))
-    if not samples:
-        raise RlensError(f"data file '{path}' has no samples")
-    return samples
+    """An evaluation file (see ``rlens.question_set``; answers required); ``limit`` keeps the first N."""
+    return read_questions(
+        path,
+        what="data file",
+        answer_required=True,
+        limit=limit,
+        hint=" (`rlens eval --toy-set N -o DATA.jsonl` writes one)",
+    )
 
 
 def evaluate(

@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlens.errors import RlensError
+from rlens.question_set import Question, read_questions
 from rlens.reductions import DEFAULT_FFN_KEEP, DEFAULT_HOLLOW_WINDOW, DEFAULT_PROBE_EVERY, Reductions
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
     from rlens.exporter.reference import ReferenceInputs
 
@@ -62,61 +62,12 @@ KIND_NAMES = {"hollow": "Hollow Attention", "ffn": "PAD-FFN"}
 # -- the calibration file ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CalibrationSample:
-    """One line of the calibration file, its image already read: a bad file fails before the model loads."""
-
-    image: Image.Image
-    prompt: str
-    answer: str | None
-    line: int
+CalibrationSample = Question
 
 
 def read_calibration(path: str | Path) -> list[CalibrationSample]:
-    """Parse a JSON-lines calibration file: ``{"image": path, "prompt": str, "answer": str (optional)}``.
-
-    Relative image paths resolve against the file's directory, so a calibration set can be moved as
-    a folder. Blank lines are skipped.
-    """
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise RlensError(
-            f"calibration file '{path}' does not exist; give a JSON-lines file with one "
-            '{"image": ..., "prompt": ..., "answer": ...} object per line'
-        )
-    samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise RlensError(f"{path}, line {number}: not valid JSON ({e}); write one object per line") from e
-        if not isinstance(record, dict):
-            raise RlensError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        for key in ("image", "prompt"):
-            if not isinstance(record.get(key), str):
-                raise RlensError(
-                    f'{path}, line {number}: missing string key "{key}"; every line needs "image" and '
-                    '"prompt" ("answer" is optional)'
-                )
-        answer = record.get("answer")
-        if answer is not None and not isinstance(answer, str):
-            raise RlensError(f'{path}, line {number}: "answer" must be a string')
-        image_path = Path(record["image"]).expanduser()
-        image_path = image_path if image_path.is_absolute() else path.parent / image_path
-        try:
-            with Image.open(image_path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise RlensError(f"{path}, line {number}: cannot read image '{image_path}' ({reason})") from e
-        samples.append(CalibrationSample(image, record["prompt"], answer, number))
-    if not samples:
-        raise RlensError(f"calibration file '{path}' has no samples")
-    return samples
+    """A calibration file: ``{"image": path, "prompt": str, "answer": str (optional)}`` per line."""
+    return read_questions(path, what="calibration file", answer_required=False)
 
 
 # -- scoring -----------------------------------------------------------------------------------
