@@ -232,14 +232,26 @@ def load_scorer(
     progress: bool = False,
 ) -> LayerScorer:
     """A :class:`LayerScorer` for a checkpoint directory and a calibration file."""
+    Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
+    return build_scorer(
+        Path(model_dir), read_calibration(calib_path), hollow_window, ffn_keep, probe_every, progress
+    )
+
+
+def build_scorer(
+    model_dir: Path,
+    calibration: list[CalibrationSample],
+    hollow_window: int,
+    ffn_keep: float,
+    probe_every: int,
+    progress: bool,
+) -> LayerScorer:
+    """Load the checkpoint and cache the unreduced activations of every calibration sample."""
     from rlens.exporter.checkpoint import load_model, load_processor
 
-    Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
-    calibration = read_calibration(calib_path)
-    model = load_model(Path(model_dir))
     return LayerScorer.build(
-        model,
-        load_processor(Path(model_dir)),
+        load_model(model_dir),
+        load_processor(model_dir),
         calibration,
         hollow_window=hollow_window,
         ffn_keep=ffn_keep,
@@ -443,7 +455,7 @@ def rank_layers(
     """
     from transformers import AutoConfig
 
-    from rlens.exporter.checkpoint import load_model, load_processor, read_config
+    from rlens.exporter.checkpoint import read_config
 
     model_dir, calib_path, output_path = Path(model_dir), Path(calib_path), Path(output_path)
     Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
@@ -457,16 +469,7 @@ def rank_layers(
     if ranking.complete:
         return ranking
 
-    model = load_model(model_dir)
-    scorer = LayerScorer.build(
-        model,
-        load_processor(model_dir),
-        calibration,
-        hollow_window=hollow_window,
-        ffn_keep=ffn_keep,
-        probe_every=probe_every,
-        progress=progress,
-    )
+    scorer = build_scorer(model_dir, calibration, hollow_window, ffn_keep, probe_every, progress)
     for _ in _select(scorer, ranking, progress):
         _write_ranking(output_path, ranking)
     return ranking
