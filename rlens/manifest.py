@@ -140,6 +140,26 @@ class CostInfo:
 
 
 @dataclass(frozen=True)
+class TensorRTInfo:
+    """Engines of the TensorRT track (``rlens export --target tensorrt``), one per graph.
+
+    An engine runs only with the TensorRT release and the GPU generation it was built for, so both
+    are recorded for the runtime to compare before it deserializes anything; the bounds are the
+    largest inputs the engines' optimization profiles accept.
+    """
+
+    version: str
+    gpu: str
+    compute_capability: str
+    engines: dict[str, str]
+    profiles: dict[str, list[str]]
+    max_batch: int
+    max_context: int
+    max_visual_tokens: int
+    timing_cache: str = "timing.cache"
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     rlens_version: str
@@ -154,6 +174,7 @@ class Manifest:
     cost: CostInfo | None = None
     source: dict[str, str] = field(default_factory=dict)
     validation: ValidationInfo | None = None
+    tensorrt: TensorRTInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

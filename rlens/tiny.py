@@ -162,8 +162,8 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _make_tokenizer()
-    image_processor = _make_image_processor(spec)
+    tokenizer = make_tokenizer()
+    image_processor = make_image_processor(spec.image_size)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -200,20 +200,20 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     return out
 
 
-def _train_bpe() -> Tokenizer:
-    """Byte-level BPE on ``CORPUS``, so every string is encodable and common words are one token."""
+def _train_bpe(corpus: str = CORPUS, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+    """Byte-level BPE on ``corpus``, so every string is encodable and common words are one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    tok.train_from_iterator(corpus.splitlines(keepends=True), trainer=trainer)
     for i, token in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(token) != i:
             raise RuntimeError(f"special token {token} got id {tok.token_to_id(token)}, expected {i}")
@@ -226,7 +226,7 @@ def _train_bpe() -> Tokenizer:
     return tok
 
 
-def _make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer(corpus: str = CORPUS, vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """Wrap the trained BPE as a transformers tokenizer with llava-style bos handling.
 
     The bos comes from the backend's post-processor, not from ``add_bos_token=True``: transformers 5
@@ -236,7 +236,7 @@ def _make_tokenizer() -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(),
+        tokenizer_object=_train_bpe(corpus, vocab_size),
         bos_token=BOS,
         eos_token=EOS,
         unk_token=UNK,
@@ -253,14 +253,14 @@ def _make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _make_image_processor(spec: TinySpec) -> Any:
-    """A CLIP image processor at the spec's resolution (the PIL backend: it needs no torchvision)."""
+def make_image_processor(image_size: int) -> Any:
+    """A CLIP image processor at ``image_size`` (the PIL backend: it needs no torchvision)."""
     from transformers import CLIPImageProcessorPil
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
     return CLIPImageProcessorPil(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN),
         image_std=list(OPENAI_CLIP_STD),
         resample=PILImageResampling.BICUBIC,
@@ -417,8 +417,8 @@ CLIP_PRETOKENIZE = (  # OpenAI CLIP's word split
 )
 
 
-def _train_clip_bpe() -> Tokenizer:
-    """CLIP's tokenizer pipeline (lowercase, CLIP's split, byte-level, ``</w>`` word ends) on ``CORPUS``.
+def _train_clip_bpe(corpus: str = CORPUS, vocab_size: int = CLIP_VOCAB_SIZE) -> Tokenizer:
+    """CLIP's tokenizer pipeline (lowercase, CLIP's split, byte-level, ``</w>`` word ends) on ``corpus``.
 
     The merges are learned here rather than by ``tokenizers``' trainer, whose tie-breaking with an
     end-of-word suffix changes from run to run: the most frequent pair first, ties to the smallest.
@@ -439,12 +439,12 @@ def _train_clip_bpe() -> Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    counts = Counter(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(CORPUS)))
+    counts = Counter(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(corpus)))
     words = {(*w[:-1], w[-1] + "</w>"): n for w, n in counts.items()}
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = [*alphabet, *(c + "</w>" for c in alphabet)]
     merges: list[tuple[str, str]] = []
-    while len(vocab) < CLIP_VOCAB_SIZE - 2:
+    while len(vocab) < vocab_size - 2:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, n in words.items():
             for pair in pairwise(word):
@@ -485,11 +485,12 @@ def _train_clip_bpe() -> Tokenizer:
     return tok
 
 
-def _make_clip_tokenizer() -> PreTrainedTokenizerFast:
+def make_clip_tokenizer(corpus: str = CORPUS, vocab_size: int = CLIP_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """CLIP's conventions (bos/eos wrap, eos padding, lowercase) over a BPE trained on ``corpus``."""
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_clip_bpe(),
+        tokenizer_object=_train_clip_bpe(corpus, vocab_size),
         bos_token=CLIP_BOS,
         eos_token=CLIP_EOS,
         unk_token=CLIP_EOS,
@@ -521,7 +522,7 @@ def make_tiny_clip(out_dir: str | Path, llava_dir: str | Path, seed: int = 0) ->
     out.mkdir(parents=True, exist_ok=True)
     llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
     tower = llava.model.vision_tower
-    tokenizer = _make_clip_tokenizer()
+    tokenizer = make_clip_tokenizer()
 
     text = CLIPTextConfig(
         vocab_size=len(tokenizer),

@@ -62,6 +62,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
 
 
 @pytest.fixture(scope="session")
+def toy_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped toy model, exported unreduced as the README's quickstart does."""
+    artifact = tmp_path_factory.mktemp("toy") / "toy-rlens"
+    assert rlens_main(["export", "toy", "-o", str(artifact), "--quiet"]) == 0
+    return artifact
+
+
+@pytest.fixture(scope="session")
 def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "picture.png"
     make_image(7).save(path)

@@ -1,5 +1,8 @@
 """The C API (cpp/): librlens and its programs, built with CMake, answer as the Python runtime does.
 
+They run on the shipped toy model (``rlens export toy``) and the README's example picture, so the
+example's answer is a right one, not only the same tokens.
+
 The library embeds this Python (``sys.executable``'s environment), so the tokens must be exactly
 those of ``Pipeline.generate``. ``cpp/tests/capi_errors.c`` checks from C that every failure is a
 non-zero status with a message, that two pipelines live in one process and that two threads both
@@ -15,12 +18,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Exported
 
 from rlens.runtime.pipeline import Pipeline
 
-CPP = Path(__file__).resolve().parent.parent / "cpp"
-PROMPT = "What is this?"
+ROOT = Path(__file__).resolve().parent.parent
+CPP = ROOT / "cpp"
+IMAGE = ROOT / "examples" / "toy.png"
+PROMPT = "What colour is the star?"
+ANSWER = "blue"
 MAX_NEW_TOKENS = 12
 
 
@@ -67,12 +72,10 @@ def capi_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build
 
 
-def test_example_streams_the_tokens_of_generate(
-    capi_build: Path, exported: dict[str, Exported], image_file: Path
-) -> None:
-    artifact = exported["llama"].artifact
-    expected = Pipeline.load(artifact).generate(image_file, PROMPT, MAX_NEW_TOKENS)
-    result = run(capi_build / "rlens_example", artifact, image_file, PROMPT, str(MAX_NEW_TOKENS))
+def test_example_streams_the_tokens_of_generate(capi_build: Path, toy_artifact: Path) -> None:
+    expected = Pipeline.load(toy_artifact).generate(IMAGE, PROMPT, MAX_NEW_TOKENS)
+    assert expected.text.strip() == ANSWER
+    result = run(capi_build / "rlens_example", toy_artifact, IMAGE, PROMPT, str(MAX_NEW_TOKENS))
     assert result.returncode == 0, result.stderr
     text, tokens, visual = result.stdout.rsplit("\n", 3)[:3]
     assert tokens.split()[0] == "tokens:"
@@ -81,27 +84,25 @@ def test_example_streams_the_tokens_of_generate(
     assert text == expected.text  # the streamed pieces add up to the answer
 
 
-def test_example_reports_a_missing_directory(capi_build: Path, tmp_path: Path, image_file: Path) -> None:
-    result = run(capi_build / "rlens_example", tmp_path / "nope", image_file, PROMPT)
+def test_example_reports_a_missing_directory(capi_build: Path, tmp_path: Path) -> None:
+    result = run(capi_build / "rlens_example", tmp_path / "nope", IMAGE, PROMPT)
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "does not exist" in result.stderr
 
 
-def test_c_api_failures_pipelines_and_threads(
-    capi_build: Path, exported: dict[str, Exported], image_file: Path, tmp_path: Path
-) -> None:
-    artifact = exported["llama"].artifact
+def test_c_api_failures_pipelines_and_threads(capi_build: Path, toy_artifact: Path, tmp_path: Path) -> None:
+    artifact = toy_artifact
     corrupt = tmp_path / "corrupt"
     shutil.copytree(artifact, corrupt)
     (corrupt / "decoder.onnx").write_bytes(b"not an onnx graph")
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"not a png")
-    expected = Pipeline.load(artifact).generate(image_file, PROMPT, MAX_NEW_TOKENS).token_ids
+    expected = Pipeline.load(artifact).generate(IMAGE, PROMPT, MAX_NEW_TOKENS).token_ids
     result = run(
         capi_build / "capi_errors",
         artifact,
         corrupt,
-        image_file,
+        IMAGE,
         garbage,
         str(MAX_NEW_TOKENS),
         ",".join(map(str, expected)),
@@ -110,10 +111,8 @@ def test_c_api_failures_pipelines_and_threads(
     assert "FAIL" not in result.stdout and "0 failure(s)" in result.stdout, result.stdout
 
 
-def test_rlens_python_picks_the_environment(
-    capi_build: Path, exported: dict[str, Exported], image_file: Path, tmp_path: Path
-) -> None:
-    example = (capi_build / "rlens_example", exported["llama"].artifact, image_file, PROMPT, "3")
+def test_rlens_python_picks_the_environment(capi_build: Path, toy_artifact: Path, tmp_path: Path) -> None:
+    example = (capi_build / "rlens_example", toy_artifact, IMAGE, PROMPT, "3")
     assert run(*example, rlens_python=sys.executable).returncode == 0
     result = run(*example, rlens_python=str(tmp_path / "no-python"))
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -23,12 +23,7 @@ def quickstart_commands() -> list[list[str]]:
 def test_readme_quickstart_runs(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     commands = quickstart_commands()
-    assert [c[:2] for c in commands] == [
-        ["rlens", "make-tiny"],
-        ["rlens", "export"],
-        ["rlens", "run"],
-        ["rlens", "run"],
-    ]
+    assert [c[:2] for c in commands] == [["rlens", "export"], ["rlens", "run"], ["rlens", "run"]]
     outputs = []
     for command in commands:
         # the console script and `python -m rlens.cli.main` are the same entry point
@@ -41,10 +36,11 @@ def test_readme_quickstart_runs(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, f"{shlex.join(command)} failed:\n{result.stderr}"
         outputs.append(result.stdout)
-    assert "prefill logits" in outputs[1]
-    answer = json.loads(outputs[3])
-    assert answer["num_visual_tokens"] == 16 and len(answer["token_ids"]) >= 1
-    assert outputs[2].strip() == answer["text"].strip()
+    assert "prefill logits" in outputs[0]
+    # the answers the README shows, from the shipped toy model
+    assert outputs[1].strip() == "blue"
+    answer = json.loads(outputs[2])
+    assert answer["text"].strip() == "4" and answer["num_visual_tokens"] == 145
 
 
 def test_readme_install_and_test_commands_are_what_ci_runs() -> None:

@@ -71,7 +71,8 @@ def add_trim_args(p: argparse.ArgumentParser) -> None:
         "--clip-model",
         type=Path,
         metavar="DIR",
-        help="the CLIPModel LLaVA's vision tower comes from (local save_pretrained directory); enables TRIM",
+        help="the CLIPModel LLaVA's vision tower comes from (local save_pretrained directory, or `toy` "
+        "for the shipped toy model's CLIP); enables TRIM",
     )
     g.add_argument(
         "--trim",
@@ -101,4 +102,40 @@ def reduction_options(args: argparse.Namespace) -> dict[str, Any]:
         probe_every=args.probe_every,
         ranking=args.ranking,
         calib=args.calib,
+    )
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    """What the graphs are for: ONNX Runtime, or TensorRT engines built beside them (used by `export`)."""
+    g = p.add_argument_group("target")
+    g.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=["onnxruntime", "tensorrt"],
+        help="tensorrt: after the graphs, build a TensorRT engine per graph (needs the tensorrt package "
+        "and an NVIDIA GPU; without them the export stops with the graphs written)",
+    )
+    g.add_argument(
+        "--max-batch", type=int, default=1, metavar="N", help="TensorRT: largest batch (default 1)"
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="TensorRT: longest prompt plus answer, in tokens (default the model's)",
+    )
+    g.add_argument(
+        "--max-visual-tokens",
+        type=int,
+        metavar="N",
+        help="TensorRT: image-feature rows per image (default the vision graph's, TRIM's V + 1)",
+    )
+
+
+def target_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        target=args.target,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_visual_tokens=args.max_visual_tokens,
     )

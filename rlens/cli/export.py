@@ -6,7 +6,14 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from rlens.cli.args import add_reduction_args, add_trim_args, reduction_options, trim_options
+from rlens.cli.args import (
+    add_reduction_args,
+    add_target_args,
+    add_trim_args,
+    reduction_options,
+    target_options,
+    trim_options,
+)
 from rlens.cli.tables import print_table
 
 if TYPE_CHECKING:
@@ -23,7 +30,11 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory as save_pretrained writes it")
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="checkpoint directory as save_pretrained writes it, or `toy` for the model rlens ships",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -39,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_reduction_args(p)
     add_trim_args(p)
+    add_target_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -52,7 +64,11 @@ def run(args: argparse.Namespace) -> int:
     from rlens.exporter.export import ExportOptions, export
 
     options = ExportOptions(
-        atol=args.atol, progress=not args.quiet, **reduction_options(args), **trim_options(args)
+        atol=args.atol,
+        progress=not args.quiet,
+        **reduction_options(args),
+        **trim_options(args),
+        **target_options(args),
     )
     manifest = export(args.model_dir, args.output, options)
     v, cost, r = manifest.validation, manifest.cost, manifest.reductions
@@ -88,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
             "decode_logits": v.decode_logits_max_diff,
             "trim_features": v.trim_features_max_diff,
             "atol": v.atol,
+        },
+        "tensorrt": None
+        if manifest.tensorrt is None
+        else {
+            "version": manifest.tensorrt.version,
+            "gpu": manifest.tensorrt.gpu,
+            "engines": manifest.tensorrt.engines,
         },
     }
     if args.json:
@@ -128,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
             f"{cost.reduced_visual_tokens} on the validation sample (noise; real images differ)"
         )
     print_flops(cost, r)
+    if manifest.tensorrt is not None:
+        t = manifest.tensorrt
+        print(
+            f"\nTensorRT {t.version} engines for {t.gpu} (compute {t.compute_capability}): "
+            f"{', '.join(t.engines.values())}; batch <= {t.max_batch}, context <= {t.max_context}"
+        )
     return 0
 
 

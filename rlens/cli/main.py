@@ -6,6 +6,7 @@
     rlens eval OUT_DIR --data DATA.jsonl  accuracy per question kind, visual tokens, time to first token
     rlens bench                           prefill time vs FLOPs of the reductions (random weights)
     rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
+    rlens check --tensorrt OUT_DIR        the graphs against TensorRT's ONNX parser rules, without a GPU
 
 User errors print one line and exit 1; torch and transformers are imported only by the
 subcommands that need them, so ``rlens run`` works with the runtime dependencies alone.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 from rlens import __version__
 from rlens.cli import bench as bench_cmd
+from rlens.cli import check as check_cmd
 from rlens.cli import eval as eval_cmd
 from rlens.cli import export as export_cmd
 from rlens.cli import make_tiny as make_tiny_cmd
@@ -27,7 +29,7 @@ from rlens.cli import rank as rank_cmd
 from rlens.cli import run as run_cmd
 from rlens.errors import RlensError
 
-SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, eval_cmd, bench_cmd, make_tiny_cmd)
+SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, eval_cmd, bench_cmd, make_tiny_cmd, check_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

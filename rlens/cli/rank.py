@@ -20,7 +20,11 @@ DESCRIPTION = (
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rank", help="rank layers for the reductions", description=DESCRIPTION)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="LLaVA checkpoint directory")
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="LLaVA checkpoint directory, or `toy` for the model rlens ships",
+    )
     p.add_argument("--calib", required=True, type=Path, metavar="CALIB.jsonl", help="calibration set")
     p.add_argument(
         "-o",

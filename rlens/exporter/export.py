@@ -23,6 +23,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 import rlens
+from rlens import toy
 from rlens.errors import RlensError
 from rlens.exporter import checkpoint
 from rlens.exporter.prompt_layout import prompt_layout
@@ -41,6 +42,7 @@ from rlens.manifest import (
     Manifest,
     ModelInfo,
     TensorInfo,
+    TensorRTInfo,
     TokenizerInfo,
     TrimInfo,
     write_manifest,
@@ -76,6 +78,13 @@ class ExportOptions:
     trim: str = ""
     """``iqr``, ``ratio:R`` or ``off``; empty: ``iqr`` with a CLIP model, else ``off``."""
     trim_select: str = "high"
+    target: str = "onnxruntime"
+    """``onnxruntime`` (the graphs) or ``tensorrt`` (the graphs, then an engine per graph beside them)."""
+    max_batch: int = 1
+    max_context: int | None = None
+    """TensorRT engines: prompt plus answer tokens; default the model's ``max_context``."""
+    max_visual_tokens: int | None = None
+    """TensorRT engines: image-feature rows per image; default the vision (or TRIM) graph's."""
 
 
 def resolve_trim(options: ExportOptions) -> tuple[str, float | None] | None:
@@ -148,6 +157,10 @@ def resolve_reductions(options: ExportOptions, model_dir: Path, num_layers: int,
     specs = (options.hollow_layers.strip(), options.ffn_layers.strip())
     counts = any(s.isdigit() for s in specs)
     ranking, source = None, None
+    shipped = model_dir / "ranking.json"
+    if options.ranking is None and options.calib is None and counts and shipped.is_file():
+        log.info("using the ranking shipped with the checkpoint, %s", shipped)
+        options = replace(options, ranking=shipped)
     if options.ranking is not None:
         from rlens.exporter.layer_ranking import read_ranking
 
@@ -297,7 +310,17 @@ def write_graphs(model: Any, directory: Path, progress: bool, reductions: Reduct
 
 def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> Manifest:
     """Export a LLaVA checkpoint to an artifact directory; returns the manifest written."""
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = toy.resolve(model_dir, "llava"), Path(out_dir)
+    if options.target not in ("onnxruntime", "tensorrt"):
+        raise RlensError(f"--target {options.target!r}: choose onnxruntime or tensorrt")
+    if options.target == "tensorrt":
+        from rlens.tensorrt.engines import missing_requirement
+
+        missing = missing_requirement()
+        if missing is not None:  # say so now; the graphs are still written and validated
+            log.warning("no TensorRT engines will be built here: %s", missing)
+    if options.clip_model is not None:
+        options = replace(options, clip_model=toy.resolve(options.clip_model, "clip"))
     num_layers = int(checkpoint.read_config(model_dir)["text_config"].get("num_hidden_layers", 32))
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise RlensError(f"'{out_dir}' exists and is not an rlens artifact; choose another output directory")
@@ -342,6 +365,35 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
         _move_into_place(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if options.target == "tensorrt":
+        manifest = build_tensorrt_engines(out_dir, manifest, options)
+    return manifest
+
+
+def build_tensorrt_engines(out_dir: Path, manifest: Manifest, options: ExportOptions) -> Manifest:
+    """Engines beside the validated graphs, recorded in rlens.json.
+
+    Without the tensorrt package or a GPU, ``build_engines`` raises an RlensError that says so; the
+    artifact is complete for ONNX Runtime by then, and the message says where the graphs are.
+    """
+    from rlens.tensorrt.engines import EngineLimits, build_engines
+
+    limits = EngineLimits(options.max_batch, options.max_context, options.max_visual_tokens)
+    built = build_engines(out_dir, manifest, limits)
+    assert built.limits.max_context is not None and built.limits.max_visual_tokens is not None
+    info = TensorRTInfo(
+        version=built.tensorrt_version,
+        gpu=built.gpu,
+        compute_capability=built.compute_capability,
+        engines=built.engines,
+        profiles=built.profiles,
+        max_batch=built.limits.max_batch,
+        max_context=built.limits.max_context,
+        max_visual_tokens=built.limits.max_visual_tokens,
+        timing_cache=built.timing_cache,
+    )
+    manifest = replace(manifest, tensorrt=info)
+    write_manifest(manifest, out_dir)
     return manifest
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlens import toy
 from rlens.errors import RlensError
 from rlens.question_set import Question, read_questions
 from rlens.reductions import DEFAULT_FFN_KEEP, DEFAULT_HOLLOW_WINDOW, DEFAULT_PROBE_EVERY, Reductions
@@ -457,7 +458,7 @@ def rank_layers(
 
     from rlens.exporter.checkpoint import read_config
 
-    model_dir, calib_path, output_path = Path(model_dir), Path(calib_path), Path(output_path)
+    model_dir, calib_path, output_path = toy.resolve(model_dir), Path(calib_path), Path(output_path)
     Reductions(hollow_window=hollow_window, ffn_keep=ffn_keep, probe_every=probe_every)  # validates them
     read_config(model_dir)
     calibration = read_calibration(calib_path)

@@ -322,6 +322,18 @@ def _counts_all(question: str) -> bool:
     return question in ("How many objects are there?", "How many shapes are there?")
 
 
+def options_for(questions: list[Sample], kind: str, even: bool) -> list[Sample]:
+    """The questions of ``kind`` that :func:`toy_set` may pick for its ``even``-th or odd slot of that
+    kind: "yes" answers on even slots and "no" on odd ones for ``exists`` and ``relative``, "how many
+    objects" on even slots and "how many circles / red objects" on odd ones for ``count``."""
+    options = [s for s in questions if s.kind == kind]
+    if kind in ("exists", "relative"):
+        return [s for s in options if s.answer == ("yes" if even else "no")]
+    if kind == "count":
+        return [s for s in options if _counts_all(s.question) == even]
+    return options
+
+
 def toy_set(n: int, seed: int, size: int = 224) -> list[Sample]:
     """``n`` samples, one per scene, kinds round-robin in :data:`KINDS` order; ``exists`` and ``relative``
     alternate "yes" and "no", and ``count`` alternates counting all objects and counting one shape or
@@ -336,11 +348,7 @@ def toy_set(n: int, seed: int, size: int = 224) -> list[Sample]:
         even = seen[kind] % 2 == 0
         for _attempt in range(1000):
             scene = make_scene(rng, size)
-            options = [s for s in questions_for(scene, rng) if s.kind == kind]
-            if kind in ("exists", "relative"):
-                options = [s for s in options if s.answer == ("yes" if even else "no")]
-            elif kind == "count":  # alternate "how many objects" and "how many circles / red objects"
-                options = [s for s in options if _counts_all(s.question) == even]
+            options = options_for(questions_for(scene, rng), kind, even)
             if options:
                 samples.append(options[int(rng.integers(len(options)))])
                 break

@@ -1,0 +1,101 @@
+"""The shipped toy model (rlens/toy/weights, trained by tools/train_toy.py): it loads, it fits the size
+budget, the README's quickstart answers right, the exported pipeline answers held-out questions, and the
+Layer Ranking Algorithm's order keeps more accuracy than the reverse order.
+
+Accuracy is measured on small held-out sets here (the README's figures use 1,000 questions and
+tools/toy_evidence.py), with bounds well below the measured figures so the tests check behaviour, not
+noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlens import toy
+from rlens.cli.main import main as rlens_main
+from rlens.eval import evaluate_artifact
+from rlens.exporter.layer_ranking import read_ranking
+from rlens.manifest import read_manifest
+from rlens.tensorrt.check import check_artifact
+from rlens.tensorrt.support import parse_target
+from rlens.toy.data import toy_set, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "toy.png"
+EXAMPLE_PROMPT = "What colour is the star?"
+EXAMPLE_ANSWER = "blue"
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 held-out questions (20 per kind), seed 0: the first of the README's 1,000."""
+    path = tmp_path_factory.mktemp("toy-eval") / "data.jsonl"
+    return write_jsonl(toy_set(120, seed=0), path)
+
+
+def test_checkpoints_load_and_fit_the_size_budget() -> None:
+    from transformers import AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
+
+    files = [p for p in toy.WEIGHTS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    llava = LlavaForConditionalGeneration.from_pretrained(toy.resolve("toy", "llava"))
+    clip = CLIPModel.from_pretrained(toy.resolve("toy", "clip"))
+    processor = AutoProcessor.from_pretrained(toy.resolve("toy", "llava"))
+    AutoTokenizer.from_pretrained(toy.resolve("toy", "clip"))
+    text = llava.config.text_config
+    assert text.model_type == "llama" and text.num_hidden_layers >= 8
+    assert llava.config.image_seq_length >= 144
+    assert len(processor.tokenizer) == text.vocab_size < 1000  # its own tokenizer, not a hub one
+    tower = llava.model.vision_tower.state_dict()
+    for name, tensor in clip.vision_model.state_dict().items():  # TRIM needs the same tower
+        assert (tower[name] == tensor).all(), name
+
+
+def test_quickstart_answers_the_readme_question(toy_artifact: Path) -> None:
+    command = ["run", str(toy_artifact), "--image", str(EXAMPLE), "--prompt", EXAMPLE_PROMPT, "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "rlens.cli.main", *command],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout)["text"].strip() == EXAMPLE_ANSWER
+
+
+def test_unreduced_pipeline_answers_held_out_questions(toy_artifact: Path, held_out: Path) -> None:
+    report = evaluate_artifact(toy_artifact, held_out, batch_size=20)
+    assert report.accuracy >= 0.85, report.to_json()
+    assert all(k.accuracy >= 0.6 for k in report.per_kind.values()), report.to_json()
+    assert report.mean_visual_tokens == 145
+
+
+def test_toy_graphs_pass_the_tensorrt_check(toy_artifact: Path) -> None:
+    report = check_artifact(toy_artifact, parse_target("10.15"))
+    assert report.ok, [p.line() for p in report.problems]
+
+
+def test_export_toy_uses_the_shipped_ranking(tmp_path: Path) -> None:
+    out = tmp_path / "ffn2"
+    assert rlens_main(["export", "toy", "-o", str(out), "--ffn-layers", "2", "--quiet"]) == 0
+    ranking = read_ranking(toy.resolve("toy") / "ranking.json")
+    reductions = read_manifest(out).reductions
+    assert reductions.ffn_layers == sorted(ranking.ffn_order[:2])
+    assert reductions.ranking is not None and reductions.ranking.endswith("ranking.json")
+
+
+def test_ranked_order_keeps_more_accuracy_than_the_reverse_order(tmp_path: Path, held_out: Path) -> None:
+    ranking = read_ranking(toy.resolve("toy") / "ranking.json")
+    half = ranking.num_layers // 2
+    accuracy = {}
+    for name, order in (("ranked", ranking.ffn_order), ("reverse", ranking.ffn_order[::-1])):
+        out = tmp_path / name
+        layers = ",".join(map(str, order[:half]))
+        args = ["export", "toy", "-o", str(out), "--ffn-layers", layers, "--ffn-keep", str(ranking.ffn_keep)]
+        assert rlens_main([*args, "--probe-every", str(ranking.probe_every), "--quiet"]) == 0
+        accuracy[name] = evaluate_artifact(out, held_out, batch_size=20).accuracy
+    assert accuracy["ranked"] > accuracy["reverse"], accuracy
