@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PROMPT "What colour is the star?" /* tests/test_capi.py asks the same */
+#define PROMPT "How many objects are there?" /* tests/test_capi.py asks the same */
 
 static int failures = 0;
 static int64_t expected[4096];
