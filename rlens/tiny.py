@@ -156,7 +156,6 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """
     import torch
     from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.utils import logging as hf_logging
 
     spec.validate()
     out = Path(out_dir)
@@ -186,18 +185,26 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
+    save_checkpoint(model, processor, out)
+
+    # What tests and users load is the saved processor, so check that one too.
+    _check_processor(AutoProcessor.from_pretrained(out), spec)
+    return out
+
+
+def save_checkpoint(model: Any, preprocessor: Any, out: Path) -> None:
+    """``save_pretrained`` of a model (safetensors) and its processor or tokenizer into ``out``, without
+    transformers' "Writing model shards" bar: for a file of a few MB it is just noise."""
+    from transformers.utils import logging as hf_logging
+
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a 1 MB file is just noise
+    hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(out, safe_serialization=True)
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
-    processor.save_pretrained(out)
-
-    # What tests and users load is the saved processor, so check that one too.
-    _check_processor(AutoProcessor.from_pretrained(out), spec)
-    return out
+    preprocessor.save_pretrained(out)
 
 
 def _train_bpe(corpus: str = CORPUS, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
@@ -516,7 +523,6 @@ def make_tiny_clip(out_dir: str | Path, llava_dir: str | Path, seed: int = 0) ->
     """
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -550,12 +556,5 @@ def make_tiny_clip(out_dir: str | Path, llava_dir: str | Path, seed: int = 0) ->
     if missing.missing_keys or missing.unexpected_keys:
         raise RuntimeError(f"vision tower copy mismatch: {missing}")
 
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out, safe_serialization=True)
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(out)
+    save_checkpoint(model, tokenizer, out)
     return out

@@ -21,6 +21,7 @@ Results are cached per configuration in ``WORK/results.jsonl``, so an interrupte
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -33,6 +34,8 @@ from rlens import toy
 from rlens.eval import evaluate_artifact
 from rlens.exporter.export import ExportOptions, export
 from rlens.exporter.layer_ranking import rank_layers, read_ranking
+from rlens.flops import Geometry, prefill_flops
+from rlens.manifest import Manifest
 from rlens.toy.data import KINDS, toy_set, write_jsonl
 
 LISTS = ("hollow", "ffn")
@@ -109,7 +112,7 @@ def run_config(config: dict[str, object], args: argparse.Namespace, data: Path) 
     cost = manifest.cost
     assert cost is not None
     geometry_tokens = cost.prompt_tokens - cost.visual_tokens
-    flops = reduced_flops(out, geometry_tokens, report.mean_visual_tokens)
+    flops = reduced_flops(manifest, geometry_tokens, report.mean_visual_tokens)
     shutil.rmtree(out, ignore_errors=True)
     return {
         **config,
@@ -118,32 +121,22 @@ def run_config(config: dict[str, object], args: argparse.Namespace, data: Path) 
         "visual_tokens": report.mean_visual_tokens,
         "ttft_ms": report.median_ttft_ms,
         "prefill_gflops": flops / 1e9,
-        "unreduced_gflops": cost.unreduced["total"] / 1e9 if "total" in cost.unreduced else None,
+        "unreduced_gflops": cost.unreduced["total"] / 1e9,
     }
 
 
-def reduced_flops(artifact: Path, text_tokens: int, visual_tokens: float) -> float:
+def reduced_flops(manifest: Manifest, text_tokens: int, visual_tokens: float) -> float:
     """Prefill FLOPs of the exported configuration at the mean number of visual tokens it kept."""
-    from rlens.exporter import checkpoint
-    from rlens.flops import prefill_flops
-    from rlens.manifest import read_manifest
-
-    manifest = read_manifest(artifact)
-    model = _model()
-    geometry = checkpoint.flop_geometry(model)
     kept = round(visual_tokens)
-    return float(prefill_flops(geometry, text_tokens + kept, kept, manifest.reductions).total)
+    return float(prefill_flops(toy_geometry(), text_tokens + kept, kept, manifest.reductions).total)
 
 
-_MODEL: list[object] = []
+@functools.cache
+def toy_geometry() -> Geometry:
+    """The toy LLaVA's sizes for ``rlens.flops``, read once from the checkpoint."""
+    from rlens.exporter import checkpoint
 
-
-def _model() -> object:
-    if not _MODEL:
-        from rlens.exporter import checkpoint
-
-        _MODEL.append(checkpoint.load_model(toy.resolve(toy.TOY)))
-    return _MODEL[0]
+    return checkpoint.flop_geometry(checkpoint.load_model(toy.resolve(toy.TOY)))
 
 
 def plot_orders(results: dict[str, dict[str, object]], n_layers: int, path: Path) -> None:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rlens.tiny import IMAGE, make_clip_tokenizer, make_image_processor, make_tokenizer
+from rlens.tiny import IMAGE, make_clip_tokenizer, make_image_processor, make_tokenizer, save_checkpoint
 from rlens.toy.data import (
     COLOURS,
     KINDS,
@@ -89,9 +89,21 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def append_log(work: Path, record: dict[str, object]) -> None:
+def report(work: Path, record: dict[str, object], steps: int) -> None:
+    """Append ``record`` (with its ``stage`` and ``step``) to WORK/log.jsonl and print it as one line."""
     with (work / "log.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+    fields = " ".join(f"{k}={v}" for k, v in record.items() if k != "stage")
+    log(f"{record['stage']} {record['step']}/{steps} {fields}")
+
+
+def optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, schedule: object, params: list) -> None:
+    """One AdamW step on ``loss``: gradients clipped to norm 1, then the learning-rate schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    schedule.step()  # type: ignore[attr-defined]
 
 
 # -- stage 1: data -------------------------------------------------------------------------------
@@ -381,11 +393,7 @@ def train_clip(
 
         loss_probe = probes.loss(hidden, labels, objects, object_weight)
         loss = loss_patch + loss_trim + loss_clip + loss_probe
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        optimize(loss, opt, schedule, params)
         if step % 25 == 0 or step == steps:
             record = {
                 "stage": name,
@@ -399,14 +407,13 @@ def train_clip(
             }
             if step % 100 == 0 or step == steps:
                 record |= clip_eval(model, tokenizer, eval_images, eval_samples, class_texts)
-            append_log(work, record)
-            log(f"{name} {step}/{steps} " + " ".join(f"{k}={v}" for k, v in record.items() if k != "stage"))
+            report(work, record, steps)
     model.eval()
     save(model, tokenizer, out)
 
 
 def clip_eval(model, tokenizer, images: np.ndarray, samples: list, class_texts: list[str]) -> dict:
-    """Held-out patch classification accuracy (object patches only) and caption retrieval top-1."""
+    """Held-out share of object patches nearest their own object's name among the 31 texts."""
     with torch.no_grad():
         _, z = vision_space(model.eval(), pixels(images))
         names = encode_text(model, tokenizer, class_texts)
@@ -436,8 +443,7 @@ def warmup_cosine(
 def save(model, tokenizer, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_checkpoint(model, tokenizer, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -664,11 +670,7 @@ def train_llava(
         packed = packer.pack([pick_question(data, int(i), kind_for(step, rng), rng) for i in idx])
         logits = answer_logits(model, feats[idx], packed)
         loss = F.cross_entropy(logits, packed["targets"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        optimize(loss, opt, schedule, params)
         if step % 25 == 0 or step == steps:
             record: dict[str, object] = {
                 "stage": "llava",
@@ -678,8 +680,7 @@ def train_llava(
             }
             if step % 200 == 0 or step == steps:
                 record |= llava_eval(model, packer, eval_feats, eval_samples)
-            append_log(work, record)
-            log(f"llava {step}/{steps} " + " ".join(f"{k}={v}" for k, v in record.items() if k != "stage"))
+            report(work, record, steps)
 
     model.eval()
     processor = LlavaProcessor(

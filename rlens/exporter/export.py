@@ -42,7 +42,6 @@ from rlens.manifest import (
     Manifest,
     ModelInfo,
     TensorInfo,
-    TensorRTInfo,
     TokenizerInfo,
     TrimInfo,
     write_manifest,
@@ -379,20 +378,7 @@ def build_tensorrt_engines(out_dir: Path, manifest: Manifest, options: ExportOpt
     from rlens.tensorrt.engines import EngineLimits, build_engines
 
     limits = EngineLimits(options.max_batch, options.max_context, options.max_visual_tokens)
-    built = build_engines(out_dir, manifest, limits)
-    assert built.limits.max_context is not None and built.limits.max_visual_tokens is not None
-    info = TensorRTInfo(
-        version=built.tensorrt_version,
-        gpu=built.gpu,
-        compute_capability=built.compute_capability,
-        engines=built.engines,
-        profiles=built.profiles,
-        max_batch=built.limits.max_batch,
-        max_context=built.limits.max_context,
-        max_visual_tokens=built.limits.max_visual_tokens,
-        timing_cache=built.timing_cache,
-    )
-    manifest = replace(manifest, tensorrt=info)
+    manifest = replace(manifest, tensorrt=build_engines(out_dir, manifest, limits))
     write_manifest(manifest, out_dir)
     return manifest
 

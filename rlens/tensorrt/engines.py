@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlens.errors import RlensError
+from rlens.manifest import TensorRTInfo
 
 if TYPE_CHECKING:
     from rlens.manifest import Manifest, TensorInfo
@@ -57,22 +58,6 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     values: dict[str, Range3] = field(default_factory=dict)
     """Per-element value range of inputs TensorRT may take as shape tensors (their values set sizes)."""
-
-
-@dataclass(frozen=True)
-class BuiltEngines:
-    """What the manifest records about the engines: they run only where these match."""
-
-    tensorrt_version: str
-    gpu: str
-    compute_capability: str
-    engines: dict[str, str]
-    """Graph name -> engine file, relative to the artifact."""
-    profiles: dict[str, list[str]]
-    """Graph name -> profile names, in the order of their indices in the engine."""
-    limits: EngineLimits
-    """The bounds the profiles were built for, every one a number."""
-    timing_cache: str = TIMING_CACHE
 
 
 # -- profiles (pure: no tensorrt needed) ----------------------------------------------------------
@@ -175,8 +160,11 @@ def build_engines(
     artifact_dir: str | Path,
     manifest: Manifest,
     limits: EngineLimits = EngineLimits(),
-) -> BuiltEngines:
+) -> TensorRTInfo:
     """Build ``<graph>.engine`` for every graph of the artifact; the timing cache is reused and updated.
+
+    Returns the manifest's record of them: the TensorRT release and GPU they run on, and the bounds
+    their profiles take.
 
     The static check runs first, so a graph TensorRT's parser would refuse stops the build with the
     check's first problem instead of a parser trace. Raises RlensError when tensorrt or a GPU is
@@ -220,13 +208,18 @@ def build_engines(
         partial.write_bytes(memoryview(serialized))
         partial.replace(directory / engine)
         engines[name] = engine
-    return BuiltEngines(
-        tensorrt_version=trt.__version__,
+    resolved = resolve_limits(manifest, limits)
+    assert resolved.max_context is not None and resolved.max_visual_tokens is not None
+    return TensorRTInfo(
+        version=trt.__version__,
         gpu=gpu[0],
         compute_capability=gpu[1],
         engines=engines,
         profiles={name: [p.name for p in ps] for name, ps in profiles.items()},
-        limits=resolve_limits(manifest, limits),
+        max_batch=resolved.max_batch,
+        max_context=resolved.max_context,
+        max_visual_tokens=resolved.max_visual_tokens,
+        timing_cache=TIMING_CACHE,
     )
 
 
