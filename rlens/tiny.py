@@ -155,22 +155,14 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     tokenizer, so tests can compare against fixed expectations. Returns ``out_dir`` as a Path.
     """
     import torch
-    from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     spec.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = make_tokenizer()
-    image_processor = make_image_processor(spec.image_size)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops again
-    )
+    processor = make_processor(tokenizer, spec.image_size, spec.patch_size)
     _check_processor(processor, spec)
 
     config = _make_config(spec, tokenizer)
@@ -179,17 +171,47 @@ def make_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     _randomize(model, torch.Generator().manual_seed(spec.seed + 1))
     _check_model(model, spec)
 
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation(tokenizer)
     save_checkpoint(model, processor, out)
 
     # What tests and users load is the saved processor, so check that one too.
     _check_processor(AutoProcessor.from_pretrained(out), spec)
     return out
+
+
+def greedy_generation(tokenizer: PreTrainedTokenizerFast, **extra: Any) -> Any:
+    """The GenerationConfig rlens' checkpoints carry: greedy, with the tokenizer's special ids, so
+    ``generate`` and the exported runtime stop and pad alike."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        **extra,
+    )
+
+
+def make_processor(
+    tokenizer: PreTrainedTokenizerFast,
+    image_size: int,
+    patch_size: int,
+    strategy: str = "default",
+    chat_template: str = CHAT_TEMPLATE,
+) -> Any:
+    """LLaVA-1.5's processor: a CLIP image processor, ``tokenizer`` and the chat template; one image
+    token per patch, plus CLS (which the "default" strategy drops again and "full" keeps)."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=make_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=chat_template,
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops again
+    )
 
 
 def save_checkpoint(model: Any, preprocessor: Any, out: Path) -> None:
@@ -281,7 +303,7 @@ def make_image_processor(image_size: int) -> Any:
 
 def _make_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
     """LlavaConfig: CLIP vision tower + the spec's decoder, wired to the tokenizer's special ids."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig, Qwen2Config
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -323,6 +345,14 @@ def _make_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
             # 0 makes every layer slide, like mistral.
             max_window_layers=0,
         )
+    return llava_15_config(vision, text, tokenizer, spec.num_image_tokens)
+
+
+def llava_15_config(vision: Any, text: Any, tokenizer: PreTrainedTokenizerFast, visual_tokens: int) -> Any:
+    """LlavaConfig with LLaVA-1.5's choices around the given tower and decoder configs: feature layer
+    -2, CLS dropped ("default"), GELU projector, untied embeddings, float32 throughout."""
+    from transformers import LlavaConfig
+
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -330,12 +360,11 @@ def _make_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> Any:
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        image_seq_length=spec.num_image_tokens,  # the default is llava-1.5's 576
+        image_seq_length=visual_tokens,  # the default is llava-1.5's 576
         tie_word_embeddings=False,
     )
-    config.dtype = "float32"
-    config.text_config.dtype = "float32"
-    config.vision_config.dtype = "float32"
+    for c in (config, config.text_config, config.vision_config):
+        c.dtype = "float32"
     return config
 
 

@@ -62,6 +62,21 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
 
 
 @pytest.fixture(scope="session")
+def reduced_trim(exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama checkpoint with Hollow Attention, PAD-FFN and TRIM: every graph kind rlens writes,
+    and a decoder that takes the span inputs."""
+    from rlens.tiny import make_tiny_clip
+
+    root = tmp_path_factory.mktemp("reduced-trim")
+    clip = make_tiny_clip(root / "clip", exported["llama"].checkpoint)
+    out = root / "reduced-trim"
+    flags = ["--hollow-layers", "0,1", "--hollow-window", "4", "--ffn-layers", "1,", "--ffn-keep", "0.25"]
+    flags += ["--probe-every", "4", "--clip-model", str(clip)]
+    assert rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(out), "-q", *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def toy_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped toy model, exported unreduced as the README's quickstart does."""
     artifact = tmp_path_factory.mktemp("toy") / "toy-rlens"

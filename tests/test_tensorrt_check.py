@@ -24,21 +24,8 @@ from rlens.manifest import read_manifest
 from rlens.tensorrt.check import check_artifact, check_model
 from rlens.tensorrt.engines import EngineLimits, build_engines, missing_requirement, profiles_for
 from rlens.tensorrt.support import OPERATORS, UNSUPPORTED, parse_target
-from rlens.tiny import make_tiny_clip
 
 TARGET = parse_target("10.15")
-
-
-@pytest.fixture(scope="module")
-def reduced_trim(exported: dict[str, Exported], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The llama checkpoint with Hollow Attention, PAD-FFN and TRIM: every graph kind rlens writes."""
-    root = tmp_path_factory.mktemp("tensorrt")
-    clip = make_tiny_clip(root / "clip", exported["llama"].checkpoint)
-    out = root / "reduced-trim"
-    flags = ["--hollow-layers", "0,1", "--hollow-window", "4", "--ffn-layers", "1,", "--ffn-keep", "0.25"]
-    flags += ["--probe-every", "4", "--clip-model", str(clip)]
-    assert rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(out), "-q", *flags]) == 0
-    return out
 
 
 def graph(nodes: list[onnx.NodeProto], inputs: list, outputs: list, inits=(), opset: int = 21, extra=()):

@@ -48,7 +48,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rlens.tiny import IMAGE, make_clip_tokenizer, make_image_processor, make_tokenizer, save_checkpoint
+from rlens.tiny import (
+    IMAGE,
+    greedy_generation,
+    make_clip_tokenizer,
+    make_processor,
+    make_tokenizer,
+    save_checkpoint,
+)
 from rlens.toy.data import (
     COLOURS,
     KINDS,
@@ -453,7 +460,7 @@ def save(model, tokenizer, out: Path) -> None:
 
 def llava_model(clip, tokenizer, seed: int, init_std: float = 0.02):
     """LLaVA with CLIP's tower (feature layer -1, "full": 145 tokens), a projector and a LLaMA decoder."""
-    from transformers import GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
         **DECODER,
@@ -481,13 +488,7 @@ def llava_model(clip, tokenizer, seed: int, init_std: float = 0.02):
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).float()
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict(), strict=True)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=8,
-    )
+    model.generation_config = greedy_generation(tokenizer, max_new_tokens=8)
     return model
 
 
@@ -571,6 +572,9 @@ class Packer:
         allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding rows see themselves, not NaN
         return {
             "ids": ids,
+            # A bool mask, for SDPA (the default attention). Eager attention *adds* the mask to the
+            # scores, so with it a bool mask masks nothing and the answer leaks into teacher-forced
+            # accuracy: an experiment that needs attention weights must make it additive first.
             "mask": allowed[:, None],
             "pos": (real.long().cumsum(-1) - 1).clamp(min=0),
             "image_at": torch.tensor(image_at),
@@ -638,7 +642,7 @@ def llava_eval(model, packer: Packer, feats: torch.Tensor, samples: list) -> dic
 def train_llava(
     work: Path, data: Data, steps: int, batch: int, seed: int, lr: float, init_std: float
 ) -> None:
-    from transformers import CLIPModel, LlavaProcessor
+    from transformers import CLIPModel
 
     out = work / "llava"
     if (out / "model.safetensors").exists():
@@ -683,14 +687,7 @@ def train_llava(
             report(work, record, steps)
 
     model.eval()
-    processor = LlavaProcessor(
-        image_processor=make_image_processor(IMAGE_SIZE),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
+    processor = make_processor(tokenizer, IMAGE_SIZE, PATCH, "full", CHAT_TEMPLATE)
     tmp = out.with_name("llava.tmp")
     save(model, processor, tmp)
     tmp.rename(out)

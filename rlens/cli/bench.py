@@ -1,86 +1,110 @@
-"""``rlens bench``: measured prefill time against predicted FLOPs, with and without reductions."""
+"""``rlens bench``: transformers eager against the exported pipeline, with and without reductions."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rlens.cli.args import add_reduction_parameter_args
 from rlens.cli.tables import print_table
 
 DESCRIPTION = (
-    "Time the decoder prefill of one image prompt at a real model's layer geometry (random weights, no "
-    "download): unreduced, Hollow Attention on half the layers, PAD-FFN on half the layers, and both. "
-    "Prints the measured time saving beside the FLOP saving (median of --runs after a warm-up)."
+    "Build a random-initialized LLaVA of a named geometry (no download) and run one image prompt through "
+    "transformers eager and through the exported pipeline: unreduced, Hollow Attention + PAD-FFN on the "
+    "upper half of the layers, TRIM, and both. Each configuration runs in its own process: time to first "
+    "token, decode tokens/s, peak memory, visual tokens, prefill FLOPs and GFLOP/s against a GEMM peak "
+    "measured in the same run (median of --runs after a warm-up). Figures for the model's full depth are "
+    "composed from stage times and checked against the direct measurement at --layers."
 )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from rlens.bench import GEOMETRIES
+    from rlens.bench.run import DEFAULT_PROMPT, DEFAULT_TRIM
 
-    p = sub.add_parser("bench", help="prefill time vs FLOPs of the reductions", description=DESCRIPTION)
+    p = sub.add_parser(
+        "bench", help="rlens against transformers: TTFT, decode, memory", description=DESCRIPTION
+    )
     p.add_argument(
         "--geometry",
         default="llava-1.5-7b",
         choices=sorted(GEOMETRIES),
-        help="layer sizes to build (default llava-1.5-7b: d 4096, d_ff 11008, 32 heads, 576 visual)",
+        help="model to build (default llava-1.5-7b: ViT-L/14-336, d 4096, d_ff 11008, 32 heads, 576 visual)",
     )
     p.add_argument(
         "--layers",
         type=int,
         default=4,
-        help="decoder layers to build; the reduced ones are the upper half (default 4)",
+        help="decoder layers to build; full-depth figures are composed from them (default 4)",
     )
-    p.add_argument("--runs", type=int, default=5, help="timed prefills per configuration (default 5)")
-    p.add_argument(
-        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)"
-    )
+    p.add_argument("--runs", type=int, default=5, help="timed runs per configuration (default 5)")
+    p.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default 16)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question (default '{DEFAULT_PROMPT}')")
     add_reduction_parameter_args(p)
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--trim",
+        default=DEFAULT_TRIM,
+        metavar="iqr|ratio:R",
+        help=f"TRIM's selection in the TRIM configurations (default {DEFAULT_TRIM}: random CLIP scores make "
+        "the IQR rule keep almost nothing)",
+    )
+    p.add_argument(
+        "-o", "--out", type=Path, metavar="DIR", help="write bench.json, bench.md and bench.png here"
+    )
+    p.add_argument(
+        "--work", type=Path, metavar="DIR", help="temporary files (default: the system's temp dir)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlens.bench import bench_decoder_prefill, summary
-    from rlens.errors import RlensError
+    from rlens.bench import BenchOptions, run_bench
+    from rlens.bench.report import (
+        CHECK_HEADER,
+        HEADER,
+        LAYER_HEADER,
+        check_rows,
+        layer_rows,
+        rows,
+        with_ratios,
+        write_outputs,
+    )
     from rlens.reductions import Reductions
 
-    if args.layers < 2 or args.runs < 1:
-        raise RlensError("--layers must be at least 2 and --runs at least 1")
-    half = tuple(range(args.layers // 2, args.layers))
-    params = dict(hollow_window=args.hollow_window, ffn_keep=args.ffn_keep, probe_every=args.probe_every)
-    configs = {
-        "unreduced": Reductions(**params),
-        "hollow-half": Reductions(hollow_layers=half, **params),
-        "pad-ffn-half": Reductions(ffn_layers=half, **params),
-        "both-half": Reductions(hollow_layers=half, ffn_layers=half, **params),
-    }
-    results = summary(
-        bench_decoder_prefill(
-            args.geometry,
-            args.layers,
-            configs,
-            args.runs,
-            args.threads,
-            log=lambda m: print(m, file=sys.stderr),
-        )
+    options = BenchOptions(
+        geometry=args.geometry,
+        layers=args.layers,
+        runs=args.runs,
+        new_tokens=args.new_tokens,
+        prompt=args.prompt,
+        reductions=Reductions(
+            hollow_window=args.hollow_window, ffn_keep=args.ffn_keep, probe_every=args.probe_every
+        ),
+        trim=args.trim,
+        work=args.work,
     )
+    report = with_ratios(run_bench(options, log=lambda m: print(m, file=sys.stderr)))
+    if args.out is not None:
+        report["files"] = write_outputs(report, args.out)
     if args.json:
-        print(json.dumps({"geometry": args.geometry, "layers": args.layers, "results": results}))
+        print(json.dumps(report))
         return 0
+    print(f"composed at full depth ({report['full_layers']} decoder layers):")
+    print_table(HEADER, rows(report, "full_depth"))
+    print(f"\nmeasured at {report['layers']} decoder layers:")
+    print_table(HEADER, rows(report, "measured"))
+    print(f"\nthe composition at {report['layers']} layers against the measurement:")
+    print_table(CHECK_HEADER, check_rows(report))
+    print("\none decoder layer of each kind (prefill):")
+    print_table(LAYER_HEADER, layer_rows(report))
+    print(f"\nGEMM peak {report['gemm_peak']['gflops_per_s']:.1f} GFLOP/s; targets at full depth:")
     print_table(
-        ["config", "decoder GFLOPs", "median ms", "FLOP saving", "time saving", "time/FLOP saving"],
-        [
-            [
-                r["name"],
-                f"{r['decoder_gflops']:.1f}",
-                f"{r['median_ms']:.0f}",
-                f"{100 * r['flop_saving']:.1f}%",
-                f"{100 * r['time_saving']:.1f}%",
-                "-" if r["time_over_flop_saving"] is None else f"{r['time_over_flop_saving']:.2f}",
-            ]
-            for r in results
-        ],
+        ["target", "value", "met"],
+        [[t["target"], f"{t['value']:.2f}", "yes" if t["met"] else "no"] for t in report["targets"]],
     )
+    if "files" in report:
+        print(f"\nwrote {', '.join(report['files'].values())}")
     return 0

@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--provider",
         default="cpu",
         choices=["cpu", "cuda", "tensorrt"],
-        help="ONNX Runtime execution provider (default cpu)",
+        help="cpu or cuda: ONNX Runtime's providers; tensorrt: the TensorRT engines `--target tensorrt` "
+        "built, else ONNX Runtime's TensorRT provider (default cpu)",
     )
     p.add_argument(
         "--predictions", type=Path, metavar="FILE.jsonl", help="also write every question's prediction here"

@@ -4,7 +4,7 @@
     rlens run OUT_DIR --image --prompt    answer a question with the exported pipeline
     rlens rank MODEL_DIR --calib -o       rank the layers for Hollow Attention and PAD-FFN
     rlens eval OUT_DIR --data DATA.jsonl  accuracy per question kind, visual tokens, time to first token
-    rlens bench                           prefill time vs FLOPs of the reductions (random weights)
+    rlens bench                           against transformers: TTFT, decode, memory (random weights)
     rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
     rlens check --tensorrt OUT_DIR        the graphs against TensorRT's ONNX parser rules, without a GPU
 

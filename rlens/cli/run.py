@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--provider",
         default="cpu",
         choices=["cpu", "cuda", "tensorrt"],
-        help="ONNX Runtime execution provider (default cpu)",
+        help="cpu or cuda: ONNX Runtime's providers; tensorrt: the TensorRT engines `--target tensorrt` "
+        "built, else ONNX Runtime's TensorRT provider (default cpu)",
     )
     p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, metavar="T")

@@ -282,8 +282,13 @@ def build_manifest(
     )
 
 
-def write_graphs(model: Any, directory: Path, progress: bool, reductions: Reductions) -> dict[str, GraphInfo]:
-    """Build and save the three graphs, one at a time, so only one graph's nodes are alive at once."""
+def write_graphs(
+    model: Any, directory: Path, progress: bool, reductions: Reductions, tensorrt: bool = False
+) -> dict[str, GraphInfo]:
+    """Build and save the three graphs, one at a time, so only one graph's nodes are alive at once.
+
+    ``tensorrt``: the decoder reads its visual span from an input's shape (``build_decoder``).
+    """
     text = model.config.text_config
     builders: dict[str, Callable[[], ir.Model]] = {
         "vision": lambda: build_vision(checkpoint.vision_spec(model), *checkpoint.vision_weights(model)),
@@ -298,6 +303,7 @@ def write_graphs(model: Any, directory: Path, progress: bool, reductions: Reduct
             checkpoint.decoder_weights(model),
             reductions,
             checkpoint.vision_spec(model).num_visual_tokens,
+            span_from_shape=tensorrt,
         ),
     }
     graphs = {}
@@ -336,7 +342,7 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
         log.info("loading %s", model_dir)
         model = checkpoint.load_model(model_dir)
         processor = checkpoint.load_processor(model_dir)
-        graphs = write_graphs(model, work, options.progress, reductions)
+        graphs = write_graphs(model, work, options.progress, reductions, options.target == "tensorrt")
         trim, clip = None, None
         if trim_mode is not None:
             graphs["trim"], trim, clip = write_trim(model, options, *trim_mode, work)

@@ -52,6 +52,8 @@ class Chunk:
     ``visual_start`` (a chunk column shared by the batch) and ``visual_lengths`` ([B]) describe the
     visual span when the decoder has reductions; row b's visual tokens are the columns
     ``visual_start .. visual_start + visual_lengths[b] - 1``, and the span is ``visual_max`` wide.
+    ``visual_start`` and ``visual_max`` set sizes (the hollow and PAD-FFN slices): in the TensorRT
+    track they come from an input's shape, so no input value decides a size.
     """
 
     attention_mask: ir.Value  # [B, T]
@@ -70,12 +72,13 @@ def chunk_of(
     attention_mask: ir.Value,
     visual_start: ir.Value | None = None,
     visual_lengths: ir.Value | None = None,
+    visual_width: ir.Value | None = None,
 ) -> Chunk:
     with b.scope("chunk"):
         new = b.op("Squeeze", b.dim(embeds, 1))
         total = b.op("Squeeze", b.dim(attention_mask, 1))
-        visual_max = None
-        if visual_lengths is not None:
+        visual_max = visual_width
+        if visual_lengths is not None and visual_max is None:
             visual_max = b.op("ReduceMax", visual_lengths, keepdims=0)
         token_index = b.op("CumSum", attention_mask, b.const(1), exclusive=1)
         return Chunk(

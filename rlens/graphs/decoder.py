@@ -26,7 +26,7 @@ from rlens.graphs.attention import (
     hollow_attention,
     rotary_tables,
 )
-from rlens.graphs.builder import FLOAT, INT64, GraphBuilder, Weights
+from rlens.graphs.builder import BOOL, FLOAT, INT64, GraphBuilder, Weights
 from rlens.graphs.ffn import pad_ffn, swiglu_ffn
 from rlens.graphs.layers import linear, rms_norm
 from rlens.reductions import Reductions, ffn_keep_channels
@@ -143,14 +143,21 @@ def decoder_layer(
 
 
 def build_decoder(
-    spec: DecoderSpec, weights: Weights, reductions: Reductions | None = None, max_visual: int = 0
+    spec: DecoderSpec,
+    weights: Weights,
+    reductions: Reductions | None = None,
+    max_visual: int = 0,
+    span_from_shape: bool = False,
 ) -> ir.Model:
     """The whole decoder: embeddings in, last-position logits and the updated KV cache out.
 
     ``weights`` holds the language model's tensors under transformers' names relative to the
     decoder (``layers.0.self_attn.q_proj.weight``, ``norm.weight``) plus ``lm_head.weight``.
     With ``reductions``, the graph also takes the visual span of the chunk (``visual_start`` [],
-    ``visual_lengths`` [B]); ``max_visual`` is the most visual tokens one chunk can carry.
+    ``visual_lengths`` [B]); ``max_visual`` is the most visual tokens one chunk can carry. With
+    ``span_from_shape`` (the TensorRT track) the start column and the span's width are the shape of
+    an input ``visual_span`` [visual_start, visual_width] whose values are never read: TensorRT knows
+    every size from input shapes, and needs no shape-tensor input.
     """
     reductions = reductions or Reductions()
     reductions.check_layers(spec.num_layers)
@@ -167,10 +174,15 @@ def build_decoder(
         for i in range(spec.num_layers)
     ]
     span: tuple[ir.Value, ir.Value] | tuple[None, None] = (None, None)
-    if reductions.active:
+    width = None
+    if reductions.active and span_from_shape:
+        marker = b.input("visual_span", BOOL, ["visual_start", "visual_width"])
+        start, width = (b.op("Squeeze", b.dim(marker, axis)) for axis in (0, 1))
+        span = (start, b.input("visual_lengths", INT64, ["batch"]))
+    elif reductions.active:
         span = (b.input("visual_start", INT64, []), b.input("visual_lengths", INT64, ["batch"]))
 
-    chunk = chunk_of(b, x, attention_mask, *span)
+    chunk = chunk_of(b, x, attention_mask, *span, visual_width=width)
     windows = sorted({spec.window(i) for i in range(spec.num_layers)}, key=lambda w: w or 0)
     ctx = Context(
         chunk=chunk,

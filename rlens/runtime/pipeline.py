@@ -1,4 +1,4 @@
-"""The runtime: an artifact directory in, answers out, with ONNX Runtime only.
+"""The runtime: an artifact directory in, answers out, with ONNX Runtime (or TensorRT engines).
 
     image --preprocess--> pixel_values --vision--> image_features --+
     question --PromptEncoder--> prompt_ids -------------------------+--embedding--> inputs_embeds
@@ -26,7 +26,7 @@ from rlens.manifest import Manifest, read_manifest
 from rlens.runtime.preprocess import ImageInput, preprocess
 from rlens.runtime.prompt import InstructionEncoder, PromptEncoder, stream_text
 from rlens.runtime.sampling import SamplingOptions, sample
-from rlens.runtime.sessions import open_session
+from rlens.runtime.sessions import graph_opener
 
 
 @dataclass
@@ -51,7 +51,7 @@ class DecoderState:
 
     attention_mask: np.ndarray  # [B, T] int64, 0 on left padding
     positions: np.ndarray  # [B, 1] int64, position id of the last token fed
-    cache: dict[str, np.ndarray] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # numpy, or GPU tensors of TensorRT engines
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,17 @@ class Pipeline:
                 raise RlensError(
                     f"the manifest of '{artifact_dir}' names no '{name}' graph; re-export the model"
                 )
-        self.embedding = open_session(artifact_dir / graphs["embedding"].file, provider)
-        self.decoder = open_session(artifact_dir / graphs["decoder"].file, provider)
+        self.open_graph = graph_opener(artifact_dir, manifest, provider)
+        self.embedding = self.open_graph("embedding")
+        self.decoder = self.open_graph("decoder")
         self.prompts = PromptEncoder(artifact_dir, manifest)
-        self.trim = open_session(artifact_dir / graphs["trim"].file, provider) if manifest.trim else None
+        self.trim = self.open_graph("trim") if manifest.trim else None
         self.instructions = InstructionEncoder(artifact_dir, manifest) if manifest.trim else None
         self.image_config = manifest.image_processor
         self.hidden_size = manifest.model.hidden_size
-        self.takes_visual_span = any(t.name == "visual_start" for t in graphs["decoder"].inputs)
+        decoder_inputs = {t.name for t in graphs["decoder"].inputs}
+        self.takes_visual_span = "visual_lengths" in decoder_inputs
+        self.span_as_shape = "visual_span" in decoder_inputs  # the TensorRT track's decoder
         self.cache_names = [
             f"past_key_values.{i}.{kv}" for i in range(manifest.model.num_layers) for kv in ("key", "value")
         ]
@@ -144,7 +147,7 @@ class Pipeline:
     @functools.cached_property
     def vision(self) -> Any:
         """The plain vision graph, opened on first use: a TRIM pipeline answers through ``trim`` instead."""
-        return open_session(self.artifact_dir / self.manifest.graphs["vision"].file, self.provider)
+        return self.open_graph("vision")
 
     @classmethod
     def load(cls, artifact_dir: str | Path, provider: str = "cpu") -> Pipeline:
@@ -190,8 +193,11 @@ class Pipeline:
         feeds = {"inputs_embeds": embeds, "attention_mask": state.attention_mask, "position_ids": positions}
         if self.takes_visual_span:
             span = span or VisualSpan(0, [0] * embeds.shape[0])
-            feeds["visual_start"] = np.array(span.start, np.int64)
             feeds["visual_lengths"] = np.array(span.lengths, np.int64)
+            if self.span_as_shape:  # only its shape is read: [start column, widest row's visual tokens]
+                feeds["visual_span"] = np.zeros((span.start, max(span.lengths)), np.bool_)
+            else:
+                feeds["visual_start"] = np.array(span.start, np.int64)
         if not state.cache:
             m = self.manifest.model
             empty = np.zeros((embeds.shape[0], m.num_kv_heads, 0, m.head_dim), np.float32)

@@ -1,12 +1,23 @@
-"""ONNX Runtime sessions for the graphs of an artifact, on the provider the user picked."""
+"""Sessions for the graphs of an artifact, on the provider the user picked.
+
+``cpu`` and ``cuda`` are ONNX Runtime's providers. ``tensorrt`` runs the TensorRT engines
+``rlens export --target tensorrt`` built beside the graphs when the manifest records them
+(``rlens.tensorrt.runtime``: prebuilt profiles, the KV cache kept on the GPU), and ONNX Runtime's
+TensorRT execution provider on the ONNX graphs when it does not.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
 from rlens.errors import RlensError
+
+if TYPE_CHECKING:
+    from rlens.manifest import Manifest
 
 PROVIDERS: dict[str, list[str]] = {
     "cpu": ["CPUExecutionProvider"],
@@ -43,3 +54,12 @@ def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSe
     except Exception as e:  # ORT raises its own exception types for unreadable models
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RlensError(f"cannot load graph '{path}': {reason[:300]}; re-export the model") from e
+
+
+def graph_opener(artifact_dir: Path, manifest: Manifest, provider: str) -> Callable[[str], Any]:
+    """Open the artifact's graphs by name on ``provider``: engines where they were built, else ORT."""
+    from rlens.tensorrt.runtime import Engines, uses_engines
+
+    if uses_engines(manifest, provider):
+        return Engines(artifact_dir, manifest).open  # refuses engines built for another release or GPU
+    return lambda name: open_session(artifact_dir / manifest.graphs[name].file, provider)

@@ -5,7 +5,8 @@
     -> builder config (profiles, shared timing cache) -> <graph>.engine
 
 Networks are strongly typed: the precision is the graph's own (TensorRT 10.12 deprecated the
-builder's precision flags and TensorRT 11 removed them), so an fp16 engine comes from an fp16 graph.
+builder's precision flags and TensorRT 11 removed them), so an fp16 engine comes from an fp16 graph,
+and TF32 is switched off so that a float32 graph computes in float32.
 The decoder gets two profiles, prefill (no past, a prompt of up to max context tokens) and decode
 (one token after up to max context - 1), so each is tuned for its own shapes.
 
@@ -92,7 +93,14 @@ def profiles_for(manifest: Manifest, limits: EngineLimits = EngineLimits()) -> d
         "num_image_tokens": (0, rows, batch * rows),
         "clip_sequence": (1, min(16, clip), clip),
     }
-    prefill = {**common, "sequence": (1, prompt, context), "past_sequence": (0, 0, 0)}
+    start = min(8, context - 1)  # a system prompt's length
+    prefill = {
+        **common,
+        "sequence": (1, prompt, context),
+        "past_sequence": (0, 0, 0),
+        "visual_start": (0, start, context - 1),  # the TensorRT track's span marker [start, width]
+        "visual_width": (0, rows, rows),
+    }
     prefill["total_sequence"] = prefill["sequence"]
     past = min(prompt, context - 1)
     decode = {
@@ -100,9 +108,10 @@ def profiles_for(manifest: Manifest, limits: EngineLimits = EngineLimits()) -> d
         "sequence": (1, 1, 1),
         "past_sequence": (1, past, context - 1),
         "total_sequence": (2, past + 1, context),
+        "visual_start": (0, 0, context - 1),
+        "visual_width": (0, 0, rows),
     }
-    # a reduced decoder's span inputs: where the image starts in the chunk, each row's visual length
-    start = min(8, context - 1)  # a system prompt's length
+    # an ORT-track reduced decoder's span inputs: where the image starts, each row's visual length
     span_prefill: dict[str, Range3] = {
         "visual_start": (0, start, context - 1),
         "visual_lengths": (0, rows, rows),
@@ -151,7 +160,7 @@ def missing_requirement() -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "the tensorrt package is not installed (pip install -e '.[gpu]')"
-    if _gpu() is None:
+    if current_gpu() is None:
         return "no NVIDIA GPU is visible (nvidia-smi finds none)"
     return None
 
@@ -189,7 +198,7 @@ def build_engines(
             f"{len(problems)} graph problem(s) for TensorRT {report.target.name}, first: "
             f"{problems[0].line()} (run `rlens check --tensorrt {directory}`)"
         )
-    gpu = _gpu()
+    gpu = current_gpu()
     assert gpu is not None, "missing_requirement() found a GPU a moment ago"
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -233,6 +242,9 @@ def _build_one(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RlensError(f"TensorRT's ONNX parser refused {onnx_path.name}: {errors or 'no reason given'}")
     config = builder.create_builder_config()
+    # float32 in the graph means float32: TF32 (on by default) would round matmul inputs to 10-bit
+    # mantissas behind the graph's back; the fast track is an fp16/bf16 graph, not a builder flag
+    config.clear_flag(trt.BuilderFlag.TF32)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
@@ -277,8 +289,13 @@ def _release(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
-def _gpu() -> tuple[str, str] | None:
-    """(name, compute capability) of the first NVIDIA GPU, from nvidia-smi; None when there is none."""
+def current_gpu() -> tuple[str, str] | None:
+    """(name, compute capability) of the first NVIDIA GPU, from nvidia-smi; None when there is none.
+
+    The one GPU query of the TensorRT track: the build records its answer in the manifest and the
+    runtime (``rlens.tensorrt.runtime``) compares it with the same query on the machine it runs on,
+    so both sides spell the name and the capability alike.
+    """
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
