@@ -758,13 +758,13 @@ def train_llava(
         idx = rng.choice(len(data), batch, replace=False)
         questions = [pick_question(data, int(i), kind_for(step, rng), rng) for i in idx]
         packed = packer.pack(questions)
-        logits, out = answer_logits(model, feats[idx], packed, details=routing)
+        logits, outputs = answer_logits(model, feats[idx], packed, details=routing)
         answer_loss = F.cross_entropy(logits, packed["targets"])
         loss = answer_loss
         if routing:
             target = named_patches(data, idx, questions)
-            match_loss, route_loss = routing_losses(out, packed, target, match_head)
-            mid_loss = mid_answer_loss(model, out, packed)
+            match_loss, route_loss = routing_losses(outputs, packed, target, match_head)
+            mid_loss = mid_answer_loss(model, outputs, packed)
             loss = loss + match_weight * match_loss + route_weight * route_loss + mid_weight * mid_loss
         optimize(loss, opt, schedule, params)
         if step % 25 == 0 or step == steps:
