@@ -10,7 +10,7 @@ from rlens.reductions import DEFAULT_FFN_KEEP, DEFAULT_HOLLOW_WINDOW, DEFAULT_PR
 
 
 def add_reduction_parameter_args(p: argparse.ArgumentParser) -> None:
-    """The parameters of each reduction (used by `rank` and `export`)."""
+    """The parameters of each reduction (used by `rank`, `export` and `bench`)."""
     g = p.add_argument_group("reduction parameters (RedundancyLens)")
     g.add_argument(
         "--hollow-window",
@@ -93,15 +93,18 @@ def trim_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(clip_model=args.clip_model, trim=args.trim, trim_select=args.trim_select)
 
 
+def reduction_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of ``add_reduction_parameter_args``' group, as keywords (export, rank, bench)."""
+    return dict(hollow_window=args.hollow_window, ffn_keep=args.ffn_keep, probe_every=args.probe_every)
+
+
 def reduction_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         hollow_layers=args.hollow_layers,
-        hollow_window=args.hollow_window,
         ffn_layers=args.ffn_layers,
-        ffn_keep=args.ffn_keep,
-        probe_every=args.probe_every,
         ranking=args.ranking,
         calib=args.calib,
+        **reduction_parameters(args),
     )
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlens.cli.args import add_reduction_parameter_args
+from rlens.cli.args import add_reduction_parameter_args, reduction_parameters
 from rlens.cli.tables import print_table
 
 DESCRIPTION = (
@@ -80,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
         runs=args.runs,
         new_tokens=args.new_tokens,
         prompt=args.prompt,
-        reductions=Reductions(
-            hollow_window=args.hollow_window, ffn_keep=args.ffn_keep, probe_every=args.probe_every
-        ),
+        reductions=Reductions(**reduction_parameters(args)),
         trim=args.trim,
         work=args.work,
     )

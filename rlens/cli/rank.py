@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlens.cli.args import add_reduction_parameter_args
+from rlens.cli.args import add_reduction_parameter_args, reduction_parameters
 from rlens.cli.tables import print_table
 
 DESCRIPTION = (
@@ -50,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
         args.model_dir,
         args.calib,
         args.output,
-        hollow_window=args.hollow_window,
-        ffn_keep=args.ffn_keep,
-        probe_every=args.probe_every,
         progress=not args.quiet,
+        **reduction_parameters(args),
     )
     plot = plot_ranking(ranking, args.plot or args.output.with_suffix(".png"))
     if args.json:
