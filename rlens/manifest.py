@@ -170,6 +170,9 @@ class Manifest:
     image_processor: ImageProcessorConfig
     generation: GenerationInfo
     reductions: Reductions = field(default_factory=Reductions)
+    precision: str = "fp32"
+    """Weights of the decoder's MatMuls: ``fp32``, or ``int8`` / ``int4`` MatMulNBits blocks
+    (``rlens.graphs.quantize``). The other graphs are fp32 whatever this says."""
     trim: TrimInfo | None = None
     cost: CostInfo | None = None
     source: dict[str, str] = field(default_factory=dict)

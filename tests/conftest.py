@@ -27,6 +27,12 @@ SPECS = {
     "qwen2": TinySpec(backbone="qwen2", num_layers=2, num_heads=4, num_kv_heads=4, seed=3),
 }
 
+REDUCTION_FLAGS = [
+    *("--hollow-layers", "0,1", "--hollow-window", "4"),
+    *("--ffn-layers", "1,", "--ffn-keep", "0.25", "--probe-every", "4"),
+]
+"""``reduced_trim``'s reductions: Hollow Attention on both llama layers, PAD-FFN on the second."""
+
 
 @dataclass(frozen=True)
 class Exported:
@@ -70,10 +76,24 @@ def reduced_trim(exported: dict[str, Exported], tmp_path_factory: pytest.TempPat
     root = tmp_path_factory.mktemp("reduced-trim")
     clip = make_tiny_clip(root / "clip", exported["llama"].checkpoint)
     out = root / "reduced-trim"
-    flags = ["--hollow-layers", "0,1", "--hollow-window", "4", "--ffn-layers", "1,", "--ffn-keep", "0.25"]
-    flags += ["--probe-every", "4", "--clip-model", str(clip)]
+    flags = [*REDUCTION_FLAGS, "--clip-model", str(clip)]
     assert rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(out), "-q", *flags]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def quantized(
+    exported: dict[str, Exported], reduced_trim: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The llama checkpoint at ``--precision int8`` (unreduced, beside ``exported["llama"]``) and at
+    ``int4`` with ``reduced_trim``'s reductions (PAD-FFN gathers rows of weights it also quantizes);
+    both validated with their precision's default tolerance."""
+    root = tmp_path_factory.mktemp("quantized")
+    checkpoint = str(exported["llama"].checkpoint)
+    assert rlens_main(["export", checkpoint, "-o", str(root / "int8"), "-q", "--precision", "int8"]) == 0
+    flags = [*REDUCTION_FLAGS, "--clip-model", str(reduced_trim.parent / "clip"), "--precision", "int4"]
+    assert rlens_main(["export", checkpoint, "-o", str(root / "int4"), "-q", *flags]) == 0
+    return {"int8": root / "int8", "int4": root / "int4"}
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The shipped toy model (rlens/toy/weights, trained by tools/train_toy.py): it loads, it fits the size
-budget, the README's quickstart answers right, the exported pipeline answers held-out questions, its
-graphs pass the TensorRT check, and `rlens export toy` uses the ranking shipped with it.
+budget, the README's quickstart answers right, the exported pipeline answers held-out questions, the
+shipped ranking beats its reverse, its graphs pass the TensorRT check, and `rlens export toy` uses
+the ranking shipped with it.
 
 Accuracy is measured on small held-out sets here (the README's figures use 1,000 questions and
 tools/toy_evidence.py), with bounds well below the measured figures so the tests check behaviour, not
@@ -68,12 +69,33 @@ def test_quickstart_answers_the_readme_question(toy_artifact: Path) -> None:
 
 
 def test_unreduced_pipeline_answers_held_out_questions(toy_artifact: Path, held_out: Path) -> None:
-    """The shipped first run answers about half right (README): well above the answer priors on the
-    kinds it has learned (count from the CLS token's counts, position), 145 visual tokens each."""
+    """The shipped model answers 84% of the README's 1,000 (relative position at chance, the other
+    kinds 75-96%); on these 120 the bounds sit well under that, far above every answer prior."""
     report = evaluate_artifact(toy_artifact, held_out, batch_size=20)
-    assert report.accuracy >= 0.38, report.to_json()
-    assert report.per_kind["count"].accuracy >= 0.5, report.to_json()
+    assert report.accuracy >= 0.7, report.to_json()
+    for kind in ("colour", "shape", "exists", "position"):
+        assert report.per_kind[kind].accuracy >= 0.75, (kind, report.to_json())
+    assert report.per_kind["count"].accuracy >= 0.55, report.to_json()
     assert report.mean_visual_tokens == 145
+
+
+@pytest.mark.parametrize("reduction", ["hollow", "ffn"])
+def test_ranked_order_beats_the_reverse_at_half_the_layers(reduction: str, tmp_path: Path) -> None:
+    """Issue 8's evidence as a test: with 4 of the 8 layers reduced (the README's budget: window 8,
+    keep 0.1), the shipped ranking's first 4 layers keep more accuracy than its last 4 on 300 held-out
+    questions (README: 85.7% against 78.7% for Hollow Attention, 86.0% against 74.0% for PAD-FFN)."""
+    data = write_jsonl(toy_set(300, seed=0), tmp_path / "eval" / "data.jsonl")
+    ranking = read_ranking(toy.resolve("toy") / "ranking.json")
+    order = ranking.hollow_order if reduction == "hollow" else ranking.ffn_order
+    half = len(order) // 2
+    accuracy = {}
+    for name, layers in (("ranked", order[:half]), ("reverse", order[::-1][:half])):
+        out = tmp_path / name
+        flags = ["--hollow-window", "8", "--ffn-keep", "0.1", "--probe-every", "10", "--quiet"]
+        flags += [f"--{reduction}-layers", ",".join(map(str, layers))]
+        assert rlens_main(["export", "toy", "-o", str(out), *flags]) == 0
+        accuracy[name] = evaluate_artifact(out, data, batch_size=20).accuracy
+    assert accuracy["ranked"] > accuracy["reverse"] + 0.03, accuracy
 
 
 def test_toy_graphs_pass_the_tensorrt_check(toy_artifact: Path) -> None:

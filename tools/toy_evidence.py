@@ -15,13 +15,15 @@
 4. Writes ``OUT/toy_evidence.json``, ``OUT/toy_orders.png``, ``OUT/toy_frontier.png`` and prints the
    markdown tables of the README.
 
-Results are cached per configuration in ``WORK/results.jsonl``, so an interrupted run goes on.
+Results are cached per configuration in ``WORK/results.jsonl``, so an interrupted run goes on; a line
+written for other weights, another ranking or other settings is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -254,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     order = orders(ranking, seed=0)
     n_layers = len(order["ffn"]["ranked"])
 
+    # cached results count only for this model, ranking and these settings: after retraining or
+    # re-ranking, an old line would otherwise pass for a measurement of the new model
+    key = hashlib.sha256()
+    for part in (toy.resolve(toy.TOY) / "model.safetensors", ranking, data):
+        key.update(part.read_bytes())
+    key.update(repr((args.hollow_window, args.ffn_keep, args.probe_every)).encode())
+    fingerprint = key.hexdigest()[:16]
     cache = args.work / "results.jsonl"
     results: dict[str, dict[str, object]] = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
-            results[r["name"]] = r
+            if r.get("fingerprint") == fingerprint:
+                results[r["name"]] = r
     groups = set(args.only.split(",")) if args.only else None
     for config in configurations(order, n_layers):
         if config["name"] in results or (groups and config["group"] not in groups):
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{config['name']}: accuracy {100 * result['accuracy']:.1f}%, "
             f"{result['visual_tokens']:.1f} visual tokens"
         )
+        result["fingerprint"] = fingerprint
         results[str(config["name"])] = result
         with cache.open("a") as f:
             f.write(json.dumps(result) + "\n")

@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from rlens.bench.model import BenchGeometry, Config, flop_geometry
+from rlens.bench.model import BenchGeometry, Config, flop_geometry, upper_half
 from rlens.flops import decoder_layer_flops, prefill_flops
+from rlens.precision import weight_bytes
 from rlens.reductions import Reductions
 
 CHECK_TOLERANCE = 0.05
@@ -73,10 +74,16 @@ def stage_model(config: Config, measured: dict[str, Any], m: int) -> StageModel:
     )
 
 
-def layer_bytes(g: BenchGeometry) -> int:
-    """fp32 bytes of one decoder layer's weights."""
+def layer_bytes(g: BenchGeometry, precision: str = "fp32", kind: str = "full") -> float:
+    """Bytes of one decoder layer's weights: its MatMuls at ``precision``, its norms in fp32.
+
+    A ``reduced`` layer's PAD-FFN gathers the rows it keeps from the fp32 FFN weights, so a quantized
+    one holds those beside their quantized copy (``rlens.graphs.quantize``).
+    """
     d, kv = g.hidden_size, g.num_kv_heads * (g.hidden_size // g.num_heads)
-    return 4 * (2 * d * d + 2 * d * kv + 3 * d * g.intermediate_size + 2 * d)
+    attention, ffn = 2 * d * d + 2 * d * kv, 3 * d * g.intermediate_size
+    gathered = 4 * ffn if kind == "reduced" and precision != "fp32" else 0
+    return weight_bytes(precision) * (attention + ffn) + gathered + 4 * 2 * d
 
 
 def kv_bytes(g: BenchGeometry, depth: int, tokens: int) -> int:
@@ -124,7 +131,12 @@ def figures(
     visual, prompt = measured["visual_tokens"], measured["prompt_tokens"]
     flops = prefill_flops(flop_geometry(g, depth), prompt, visual, config.reductions(depth, params)).total
     positions = prompt + len(measured["tokens"])
-    added = (depth - built) * layer_bytes(g) + kv_bytes(g, depth, positions) - kv_bytes(g, built, positions)
+    precision = measured.get("precision", "fp32")  # transformers eager: fp32
+
+    def weights(layers: int) -> float:
+        return sum(layer_bytes(g, precision, kind) for kind in config.layer_kinds(layers))
+
+    added = weights(depth) - weights(built) + kv_bytes(g, depth, positions) - kv_bytes(g, built, positions)
     weights_kv = measured["weights_mb"] * 2**20 + kv_bytes(g, built, positions) + added
     gflops_per_s = flops / ttft_ms / 1e6
     return Figures(
@@ -160,6 +172,35 @@ def layer_figures(
             "gemm_peak_share": rate / peak_gflops,
         }
     return out
+
+
+def follows_flops(
+    g: BenchGeometry, measured: dict[str, Any], params: Reductions, m: int
+) -> dict[str, float] | None:
+    """Issue 3's test of the reductions: a decoder of ``m`` layers with the upper half reduced against
+    the same decoder unreduced, timed alternately on this configuration's prefill. ``ratio`` is the
+    time saving over the FLOP saving (1: time falls exactly as the FLOPs do; the target is >= 0.8)."""
+    timed = measured.get("half_vs_full_ms")
+    if not timed:
+        return None
+    geometry, tokens, visual = flop_geometry(g, m), measured["prompt_tokens"], measured["visual_tokens"]
+    half = replace(params, hollow_layers=upper_half(m), ffn_layers=upper_half(m))
+    full_flops, half_flops = (
+        (f.decoder + f.lm_head)
+        for f in (prefill_flops(geometry, tokens, visual), prefill_flops(geometry, tokens, visual, half))
+    )
+    full_ms, half_ms = timed["median"]["full"], timed["median"]["half"]
+    time_saving, flop_saving = 1 - half_ms / full_ms, 1 - half_flops / full_flops
+    return {
+        "layers": m,
+        "full_ms": full_ms,
+        "half_ms": half_ms,
+        "full_gflops": full_flops / 1e9,
+        "half_gflops": half_flops / 1e9,
+        "time_saving": time_saving,
+        "flop_saving": flop_saving,
+        "ratio": time_saving / flop_saving if flop_saving > 0 else 0.0,
+    }
 
 
 def compose(
@@ -215,4 +256,5 @@ def compose(
             "within_tolerance": abs(ttft_error) <= CHECK_TOLERANCE and abs(decode_error) <= CHECK_TOLERANCE,
         },
         "full_depth": full.to_dict(),
+        "follows_flops": follows_flops(g, measured, params, m),
     }

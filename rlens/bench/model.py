@@ -151,15 +151,20 @@ def make_random_llava(out: Path, g: BenchGeometry, layers: int, seed: int = 0) -
     return model
 
 
-PROBES = ("head", "full", "reduced")
-"""Probe decoders: no layers; ``m`` plain layers; ``m`` layers with Hollow Attention and PAD-FFN."""
+PROBES = ("head", "full", "reduced", "half")
+"""Probe decoders: no layers; ``m`` plain layers; ``m`` layers with Hollow Attention and PAD-FFN; ``m``
+layers with the upper half reduced (issue 3's "half the layers reduced", timed against ``full``)."""
 
 
-def write_probes(model: Any, out: Path, m: int, params: Reductions) -> dict[str, str]:
-    """The probe decoders of a loaded model, built by the exporter's own graph code; name -> file."""
+def write_probes(
+    model: Any, out: Path, m: int, params: Reductions, precision: str = "fp32"
+) -> dict[str, str]:
+    """The probe decoders of a loaded model, built by the exporter's own graph code (at the exported
+    configurations' ``precision``); name -> file."""
     from rlens.exporter import checkpoint
     from rlens.graphs.builder import save
     from rlens.graphs.decoder import build_decoder
+    from rlens.graphs.quantize import with_precision
 
     spec, weights = checkpoint.decoder_spec(model), checkpoint.decoder_weights(model)
     visual = checkpoint.vision_spec(model).num_visual_tokens
@@ -168,16 +173,22 @@ def write_probes(model: Any, out: Path, m: int, params: Reductions) -> dict[str,
         "head": (replace(spec, num_layers=0), Reductions()),
         "full": (replace(spec, num_layers=m), Reductions()),
         "reduced": (replace(spec, num_layers=m), replace(params, hollow_layers=every, ffn_layers=every)),
+        "half": (
+            replace(spec, num_layers=m),
+            replace(params, hollow_layers=upper_half(m), ffn_layers=upper_half(m)),
+        ),
     }
     files = {}
     for name, (probe_spec, reductions) in builds.items():
         path = out / f"probe-{name}.onnx"
-        save(build_decoder(probe_spec, weights, reductions, visual), path)
+        save(with_precision(build_decoder(probe_spec, weights, reductions, visual), precision), path)
         files[name] = str(path)
     return files
 
 
-def build_bench_model(work: str, geometry: str, layers: int, params: Reductions, seed: int) -> dict[str, Any]:
+def build_bench_model(
+    work: str, geometry: str, layers: int, params: Reductions, seed: int, precision: str = "fp32"
+) -> dict[str, Any]:
     """Checkpoint, the CLIP model TRIM needs (sharing its tower) and the probe decoders, under ``work``.
 
     Runs in a child process (``rlens.bench.measure.in_child``), so the model's memory goes with it.
@@ -188,7 +199,7 @@ def build_bench_model(work: str, geometry: str, layers: int, params: Reductions,
     root = Path(work)
     ckpt = root / "checkpoint"
     model = make_random_llava(ckpt, GEOMETRIES[geometry], layers, seed)
-    probes = write_probes(model, root, probe_depth(layers), params)
+    probes = write_probes(model, root, probe_depth(layers), params, precision)
     del model
     clip = make_tiny_clip(root / "clip", ckpt, seed)
     return {"checkpoint": str(ckpt), "clip": str(clip), "probes": probes}

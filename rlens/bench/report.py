@@ -46,8 +46,42 @@ def with_ratios(report: dict[str, Any]) -> dict[str, Any]:
         for name, figure, op, bound, text in TARGETS
         if name in by_name
     ]
+    for c in report["configs"]:
+        if c.get("follows_flops") and not c.get("trim"):  # issue 3's target: all 576 visual tokens
+            ratio = c["follows_flops"]["ratio"]
+            report["targets"].append(
+                {
+                    "target": f"{c['name']}: {FOLLOWS_TARGET}",
+                    "value": ratio,
+                    "met": ratio >= FOLLOWS_FLOPS,
+                }
+            )
     report["composition_checked"] = all(c["check"]["within_tolerance"] for c in report["configs"])
     return report
+
+
+FOLLOWS_FLOPS = 0.8
+"""Issue 3: the measured prefill-time saving is at least this share of the FLOP saving."""
+FOLLOWS_TARGET = "prefill time saving >= 0.8x FLOP saving, half the layers reduced"
+
+FOLLOWS_HEADER = ["configuration", "decoder", "full ms", "half ms", "time saving", "FLOP saving", "ratio"]
+
+
+def follows_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The decoder with the upper half of its layers reduced against the same decoder unreduced."""
+    return [
+        [
+            c["name"],
+            f"{f['layers']} layers",
+            f"{f['full_ms']:.0f}",
+            f"{f['half_ms']:.0f}",
+            f"{100 * f['time_saving']:.1f}%",
+            f"{100 * f['flop_saving']:.1f}%",
+            f"{f['ratio']:.2f}",
+        ]
+        for c in report["configs"]
+        if (f := c.get("follows_flops"))
+    ]
 
 
 HEADER = [
@@ -144,6 +178,12 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in body)])
 
 
+def precision_note(report: dict[str, Any]) -> str:
+    """``fp32``, or which weights a quantized run quantized (``rlens bench --precision``)."""
+    precision = report.get("precision", "fp32")
+    return "fp32" if precision == "fp32" else f"rlens decoders {precision} (transformers fp32)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     g, layers, full = report["geometry"], report["layers"], report["full_layers"]
     peak = report["gemm_peak"]
@@ -151,7 +191,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"# rlens bench: {g['name']}",
         "",
         f"Random weights, one image ({report['configs'][1]['visual_tokens']} visual tokens), prompt "
-        f'"{report["prompt"]}", {report["new_tokens"]} new tokens, fp32, median of {report["runs"]} runs '
+        f'"{report["prompt"]}", {report["new_tokens"]} new tokens, {precision_note(report)}, median of '
+        f"{report['runs']} runs "
         f"after a warm-up. GEMM peak: {peak['gflops_per_s']:.1f} GFLOP/s "
         f"({'x'.join(map(str, peak['shape']))} MatMul, ONNX Runtime).",
         "",
@@ -170,6 +211,10 @@ def markdown(report: dict[str, Any]) -> str:
         "## One decoder layer of each kind (prefill)",
         "",
         markdown_table(LAYER_HEADER, layer_rows(report)),
+        "",
+        "## Does the prefill time follow the FLOPs? (half the layers reduced, timed alternately)",
+        "",
+        markdown_table(FOLLOWS_HEADER, follows_rows(report)),
         "",
         "## Targets (full depth)",
         "",
@@ -207,7 +252,9 @@ def plot(report: dict[str, Any], png_path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle(f"rlens bench, {report['geometry']['name']} geometry (random weights, fp32, CPU)")
+    fig.suptitle(
+        f"rlens bench, {report['geometry']['name']} geometry (random weights, {precision_note(report)}, CPU)"
+    )
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path)

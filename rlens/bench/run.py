@@ -32,6 +32,7 @@ from rlens.bench.measure import (
 )
 from rlens.bench.model import CONFIGS, GEOMETRIES, Config, build_bench_model, probe_depth, upper_half
 from rlens.errors import RlensError
+from rlens.precision import PRECISIONS
 from rlens.reductions import Reductions
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -48,6 +49,8 @@ class BenchOptions:
     reductions: Reductions = field(default_factory=Reductions)
     """Hollow Attention and PAD-FFN parameters; the layers are always the upper half."""
     trim: str = DEFAULT_TRIM
+    precision: str = "fp32"
+    """The exported configurations' decoder weights (``rlens export --precision``); eager stays fp32."""
     seed: int = 0
     work: Path | None = None
     """Where the temporary checkpoint and artifacts go (default: the system's temporary directory)."""
@@ -63,6 +66,8 @@ class BenchOptions:
             raise RlensError("--runs must be at least 1 and --new-tokens at least 2")
         if self.trim != "iqr" and not 0 < _ratio(self.trim) <= 1:
             raise RlensError(f"--trim takes iqr or ratio:R (0 < R <= 1), got '{self.trim}'")
+        if self.precision not in PRECISIONS:
+            raise RlensError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.work is not None and not self.work.is_dir():
             raise RlensError(f"--work {self.work}: not a directory")
 
@@ -85,6 +90,7 @@ def export_options(config: Config, options: BenchOptions, clip: str) -> dict[str
         hollow_window=r.hollow_window,
         ffn_keep=r.ffn_keep,
         probe_every=r.probe_every,
+        precision=options.precision,
         **trim,
     )
 
@@ -104,7 +110,13 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     ):
         step(f"building a random LLaVA ({options.geometry}, {options.layers} decoder layers) and probes")
         built = builder.submit(
-            build_bench_model, tmp, options.geometry, options.layers, options.reductions, options.seed
+            build_bench_model,
+            tmp,
+            options.geometry,
+            options.layers,
+            options.reductions,
+            options.seed,
+            options.precision,
         ).result()
         step(f"GEMM peak: {'x'.join(map(str, g.peak_gemm))} fp32 MatMul in ONNX Runtime")
         peak = in_child(gemm_peak, *g.peak_gemm, max(options.runs, 5))
@@ -172,6 +184,7 @@ def assemble(
         "runs": options.runs,
         "new_tokens": options.new_tokens,
         "prompt": options.prompt,
+        "precision": options.precision,
         "reductions": asdict(options.reductions),
         "gemm_peak": peak,
         "configs": configs,

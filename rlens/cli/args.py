@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from rlens.precision import PRECISIONS
 from rlens.reductions import DEFAULT_FFN_KEEP, DEFAULT_HOLLOW_WINDOW, DEFAULT_PROBE_EVERY
 
 
@@ -141,4 +142,15 @@ def target_options(args: argparse.Namespace) -> dict[str, Any]:
         max_batch=args.max_batch,
         max_context=args.max_context,
         max_visual_tokens=args.max_visual_tokens,
+    )
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """The decoder's weight precision (used by `export` and `bench`)."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=list(PRECISIONS),
+        help="the decoder's MatMul weights: fp32, or int8 / int4 blocks (ONNX Runtime's MatMulNBits, for "
+        "CPU; not TensorRT); the other graphs stay fp32 (default fp32)",
     )

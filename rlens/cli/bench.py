@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from rlens.cli.args import add_reduction_parameter_args, reduction_parameters
+from rlens.cli.args import add_precision_arg, add_reduction_parameter_args, reduction_parameters
 from rlens.cli.tables import print_table
 
 DESCRIPTION = (
@@ -43,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default 16)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question (default '{DEFAULT_PROMPT}')")
     add_reduction_parameter_args(p)
+    add_precision_arg(p)
     p.add_argument(
         "--trim",
         default=DEFAULT_TRIM,
@@ -64,9 +65,11 @@ def run(args: argparse.Namespace) -> int:
     from rlens.bench import BenchOptions, run_bench
     from rlens.bench.report import (
         CHECK_HEADER,
+        FOLLOWS_HEADER,
         HEADER,
         LAYER_HEADER,
         check_rows,
+        follows_rows,
         layer_rows,
         rows,
         with_ratios,
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         reductions=Reductions(**reduction_parameters(args)),
         trim=args.trim,
+        precision=args.precision,
         work=args.work,
     )
     report = with_ratios(run_bench(options, log=lambda m: print(m, file=sys.stderr)))
@@ -98,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(CHECK_HEADER, check_rows(report))
     print("\none decoder layer of each kind (prefill):")
     print_table(LAYER_HEADER, layer_rows(report))
+    print("\nthe decoder with half its layers reduced against it unreduced (prefill, timed alternately):")
+    print_table(FOLLOWS_HEADER, follows_rows(report))
     print(f"\nGEMM peak {report['gemm_peak']['gflops_per_s']:.1f} GFLOP/s; targets at full depth:")
     print_table(
         ["target", "value", "met"],

@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING
 
 from rlens.cli.args import (
+    add_precision_arg,
     add_reduction_args,
     add_target_args,
     add_trim_args,
@@ -15,6 +16,7 @@ from rlens.cli.args import (
     trim_options,
 )
 from rlens.cli.tables import print_table
+from rlens.precision import DEFAULT_ATOL
 
 if TYPE_CHECKING:
     from rlens.manifest import CostInfo
@@ -45,12 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--atol",
         type=float,
-        default=1e-3,
-        help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default 1e-3)",
+        help="largest accepted difference to PyTorch, relative to max(1, |reference|) (default by "
+        f"precision: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_ATOL.items())})",
     )
     add_reduction_args(p)
     add_trim_args(p)
     add_target_args(p)
+    add_precision_arg(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = ExportOptions(
         atol=args.atol,
+        precision=args.precision,
         progress=not args.quiet,
         **reduction_options(args),
         **trim_options(args),
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "output": args.output,
         "graphs": {name: g.file for name, g in manifest.graphs.items()},
         "num_visual_tokens": manifest.model.num_visual_tokens,
+        "precision": manifest.precision,
         "reductions": {
             "hollow_layers": list(r.hollow_layers),
             "hollow_window": r.hollow_window,
@@ -116,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"exported {args.model_dir} -> {args.output}")
+    quantized = "" if manifest.precision == "fp32" else f" (decoder weights {manifest.precision})"
+    print(f"exported {args.model_dir} -> {args.output}{quantized}")
     print_table(
         ["graph", "file", "inputs", "outputs"],
         [

@@ -253,17 +253,19 @@ def hollow_attention(
         vis_start = b.op("Add", P, vs)  # cache index of the first visual token
         q_pos = b.op("Add", q_idx, vis_start)
 
-        # prefix keys [0, P + vs): every visual query may see them (causal, not padding)
-        k_pre = b.slice(k, 0, vis_start, 2)
-        v_pre = b.slice(v, 0, vis_start, 2)
-        pre_pos = b.op("Unsqueeze", b.op("Range", b.const(0), vis_start, one), b.const([0, 1]))  # [1, 1, Pv]
+        # prefix keys [0, P + vs): every visual query may see them (causal, not padding); none in a
+        # decode step, which would otherwise copy its whole KV cache here for no query
+        pre_end = b.op("Mul", vis_start, b.op("Min", V, one))
+        k_pre = b.slice(k, 0, pre_end, 2)
+        v_pre = b.slice(v, 0, pre_end, 2)
+        pre_pos = b.op("Unsqueeze", b.op("Range", b.const(0), pre_end, one), b.const([0, 1]))  # [1, 1, Pv]
         # scored as [B, G, R, nb*blk, Pv] so no zero-sized axis is ever broadcast (nb is 0 in decode)
         padded_1d = b.op("Unsqueeze", padded, b.const([0]))
         q_flat = b.op("Reshape", q_vis, b.shape_of(batch, G, R, padded_1d, D), allowzero=1)
         scores_pre = b.op(
             "MatMul", q_flat, b.op("Transpose", b.op("Unsqueeze", k_pre, b.const([2])), perm=[0, 1, 2, 4, 3])
         )  # [B, G, R, nb*blk, Pv]
-        pre_width = b.op("Unsqueeze", vis_start, b.const([0]))
+        pre_width = b.op("Unsqueeze", pre_end, b.const([0]))
         scores_pre = b.op("Reshape", scores_pre, b.shape_of(batch, G, R, nb, block, pre_width), allowzero=1)
         pre_mask = mask_bias(b, visibility(b, chunk, q_pos, pre_pos, sliding_window))
 
@@ -312,7 +314,7 @@ def hollow_attention(
         )
         probs = b.op("Softmax", scores, axis=-1)
         sizes = b.op(
-            "Concat", b.op("Unsqueeze", vis_start, b.const([0])), b.const([block] * len(v_grids)), axis=0
+            "Concat", b.op("Unsqueeze", pre_end, b.const([0])), b.const([block] * len(v_grids)), axis=0
         )
         probs_pre, *probs_win = b.ops("Split", probs, sizes, num_outputs=1 + len(v_grids), axis=-1)
         probs_pre = b.op("Reshape", probs_pre, b.shape_of(batch, G, R, padded_1d, pre_width), allowzero=1)

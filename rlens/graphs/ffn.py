@@ -72,7 +72,10 @@ def probe_columns(b: GraphBuilder, chunk: Chunk, probe_every: int) -> tuple[ir.V
     with b.scope("probes"):
         lengths = b.op("Unsqueeze", chunk.visual_lengths, b.const([-1]))  # [B, 1]
         count = b.op("Max", b.op("Div", lengths, b.const(probe_every)), one)  # [B, 1] = P_b
-        most = b.op("Max", b.op("Div", chunk.visual_max, b.const(probe_every)), one)
+        # no probes at all when the chunk has no visual tokens (a decode step), so it pays nothing
+        most = b.op(
+            "Max", b.op("Div", chunk.visual_max, b.const(probe_every)), b.op("Min", chunk.visual_max, one)
+        )
         i = b.op("Unsqueeze", b.op("Range", b.const(0), most, one), b.const([0]))  # [1, P]
         numerator = b.op(
             "Add", b.op("Mul", b.op("Mul", i, b.const(2)), b.op("Sub", lengths, one)), b.op("Sub", count, one)
@@ -144,6 +147,9 @@ def pad_ffn(
             _, idx = b.ops(
                 "TopK", score, b.const([keep]), num_outputs=2, axis=-1, largest=1, sorted=1
             )  # [B, K]
+            # K stays a constant (TensorRT wants one), but without visual tokens no channel is kept:
+            # a decode step would otherwise gather 3 K rows of d floats per layer for nothing
+            idx = b.slice(idx, 0, b.op("Mul", b.const(keep), b.op("Min", V, b.const(1))), 1)
 
             # the gathered weight rows are the left operand of the gate/up products, so the GEMM packs
             # only the (smaller) token side x^T [d, V]
