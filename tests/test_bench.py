@@ -76,7 +76,9 @@ def test_half_reduced_decoder_is_timed_against_the_full_one(bench: tuple[dict[st
         assert len(rounds["full"]) == len(rounds["half"]) >= 7
         assert f["full_ms"] == pytest.approx(sorted(rounds["full"])[len(rounds["full"]) // 2])
         m, tokens, visual = f["layers"], c["prompt_tokens"], c["visual_tokens"]
-        half = Reductions(**{**bench[0]["reductions"], "hollow_layers": (0,), "ffn_layers": (0,)})
+        assert m == LAYERS
+        upper = tuple(range(m // 2, m))
+        half = Reductions(**{**bench[0]["reductions"], "hollow_layers": upper, "ffn_layers": upper})
         full_flops, half_flops = (
             x.decoder + x.lm_head
             for x in (

@@ -258,7 +258,10 @@ def measure_pipeline(
         del session
     follows = None
     if "reduced" in kinds:  # the configuration's own feeds, so the visual span is the real one
-        pair = {kind: open_session(Path(probes[kind]), "cpu") for kind in ("full", "half")}
+        pair = {
+            kind: open_session(Path(probes[probe]), "cpu")
+            for kind, probe in (("full", "whole"), ("half", "half"))
+        }
         follows = interleaved_prefill_ms(pair, prefill_feeds, max(runs, 7))
         del pair
 

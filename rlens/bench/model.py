@@ -151,13 +151,14 @@ def make_random_llava(out: Path, g: BenchGeometry, layers: int, seed: int = 0) -
     return model
 
 
-PROBES = ("head", "full", "reduced", "half")
-"""Probe decoders: no layers; ``m`` plain layers; ``m`` layers with Hollow Attention and PAD-FFN; ``m``
-layers with the upper half reduced (issue 3's "half the layers reduced", timed against ``full``)."""
+PROBES = ("head", "full", "reduced", "whole", "half")
+"""Probe decoders: no layers; ``m`` plain layers; ``m`` layers with Hollow Attention and PAD-FFN; and
+at the built depth, all layers plain (``whole``) and the upper half reduced (``half``): issue 3's
+"half the layers reduced", timed against each other."""
 
 
 def write_probes(
-    model: Any, out: Path, m: int, params: Reductions, precision: str = "fp32"
+    model: Any, out: Path, m: int, params: Reductions, precision: str = "fp32", depth: int | None = None
 ) -> dict[str, str]:
     """The probe decoders of a loaded model, built by the exporter's own graph code (at the exported
     configurations' ``precision``); name -> file."""
@@ -169,13 +170,15 @@ def write_probes(
     spec, weights = checkpoint.decoder_spec(model), checkpoint.decoder_weights(model)
     visual = checkpoint.vision_spec(model).num_visual_tokens
     every = tuple(range(m))
+    depth = depth or spec.num_layers
     builds = {
         "head": (replace(spec, num_layers=0), Reductions()),
         "full": (replace(spec, num_layers=m), Reductions()),
         "reduced": (replace(spec, num_layers=m), replace(params, hollow_layers=every, ffn_layers=every)),
+        "whole": (replace(spec, num_layers=depth), Reductions()),
         "half": (
-            replace(spec, num_layers=m),
-            replace(params, hollow_layers=upper_half(m), ffn_layers=upper_half(m)),
+            replace(spec, num_layers=depth),
+            replace(params, hollow_layers=upper_half(depth), ffn_layers=upper_half(depth)),
         ),
     }
     files = {}
@@ -199,7 +202,7 @@ def build_bench_model(
     root = Path(work)
     ckpt = root / "checkpoint"
     model = make_random_llava(ckpt, GEOMETRIES[geometry], layers, seed)
-    probes = write_probes(model, root, probe_depth(layers), params, precision)
+    probes = write_probes(model, root, probe_depth(layers), params, precision, depth=layers)
     del model
     clip = make_tiny_clip(root / "clip", ckpt, seed)
     return {"checkpoint": str(ckpt), "clip": str(clip), "probes": probes}
