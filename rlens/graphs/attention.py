@@ -64,6 +64,8 @@ class Chunk:
     visual_start: ir.Value | None = None
     visual_lengths: ir.Value | None = None
     visual_max: ir.Value | None = None
+    visual_any: ir.Value | None = None
+    """``min(visual_max, 1)``: 0 in a decode step, so the visual branches can size themselves to nothing."""
 
 
 def chunk_of(
@@ -90,6 +92,7 @@ def chunk_of(
             visual_start,
             visual_lengths,
             visual_max,
+            None if visual_max is None else b.op("Min", visual_max, b.const(1)),
         )
 
 
@@ -211,6 +214,7 @@ def hollow_attention(
     assert chunk.visual_start is not None and chunk.visual_max is not None, (
         "hollow attention needs a visual span"
     )
+    assert chunk.visual_any is not None
     vs, V, P, S = chunk.visual_start, chunk.visual_max, chunk.past, chunk.new
     nw = max(0, min(-(-(window - 1) // block), -(-max_visual // block) - 1))  # blocks back the window reaches
     width = (nw + 1) * block
@@ -255,7 +259,7 @@ def hollow_attention(
 
         # prefix keys [0, P + vs): every visual query may see them (causal, not padding); none in a
         # decode step, which would otherwise copy its whole KV cache here for no query
-        pre_end = b.op("Mul", vis_start, b.op("Min", V, one))
+        pre_end = b.op("Mul", vis_start, chunk.visual_any)
         k_pre = b.slice(k, 0, pre_end, 2)
         v_pre = b.slice(v, 0, pre_end, 2)
         pre_pos = b.op("Unsqueeze", b.op("Range", b.const(0), pre_end, one), b.const([0, 1]))  # [1, 1, Pv]

@@ -65,17 +65,14 @@ def probe_columns(b: GraphBuilder, chunk: Chunk, probe_every: int) -> tuple[ir.V
     up, computed in integers exactly as ``rlens.reductions.probe_indices`` (so graph and reference
     pick the same tokens). Rows are padded to the largest ``P``; extra probes get weight 0.
     """
-    assert (
-        chunk.visual_lengths is not None and chunk.visual_start is not None and chunk.visual_max is not None
-    )
+    assert chunk.visual_lengths is not None and chunk.visual_start is not None
+    assert chunk.visual_max is not None and chunk.visual_any is not None
     one = b.const(1)
     with b.scope("probes"):
         lengths = b.op("Unsqueeze", chunk.visual_lengths, b.const([-1]))  # [B, 1]
         count = b.op("Max", b.op("Div", lengths, b.const(probe_every)), one)  # [B, 1] = P_b
         # no probes at all when the chunk has no visual tokens (a decode step), so it pays nothing
-        most = b.op(
-            "Max", b.op("Div", chunk.visual_max, b.const(probe_every)), b.op("Min", chunk.visual_max, one)
-        )
+        most = b.op("Max", b.op("Div", chunk.visual_max, b.const(probe_every)), chunk.visual_any)
         i = b.op("Unsqueeze", b.op("Range", b.const(0), most, one), b.const([0]))  # [1, P]
         numerator = b.op(
             "Add", b.op("Mul", b.op("Mul", i, b.const(2)), b.op("Sub", lengths, one)), b.op("Sub", count, one)
@@ -116,7 +113,7 @@ def pad_ffn(
     Only the K gathered channels are computed for visual tokens. ``keep == 0`` is the skip branch:
     visual tokens get a zero FFN output (residual only).
     """
-    assert chunk.visual_start is not None and chunk.visual_max is not None
+    assert chunk.visual_start is not None and chunk.visual_max is not None and chunk.visual_any is not None
     vs, V = chunk.visual_start, chunk.visual_max
     with b.scope("pad_ffn"):
         w = FfnWeights.of(b, weights, prefix, channels_first=True)
@@ -149,7 +146,7 @@ def pad_ffn(
             )  # [B, K]
             # K stays a constant (TensorRT wants one), but without visual tokens no channel is kept:
             # a decode step would otherwise gather 3 K rows of d floats per layer for nothing
-            idx = b.slice(idx, 0, b.op("Mul", b.const(keep), b.op("Min", V, b.const(1))), 1)
+            idx = b.slice(idx, 0, b.op("Mul", b.const(keep), chunk.visual_any), 1)
 
             # the gathered weight rows are the left operand of the gate/up products, so the GEMM packs
             # only the (smaller) token side x^T [d, V]
