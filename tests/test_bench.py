@@ -55,7 +55,9 @@ def test_every_configuration_is_measured(bench: tuple[dict[str, Any], Path]) -> 
                 assert math.isfinite(figures[key]), (c["name"], depth, key)
             assert figures["peak_rss_mb"] > 0 and figures["weights_kv_mb"] > 0
         assert c["measured"]["depth"] == LAYERS and c["full_depth"]["depth"] == SMALL.full_layers
-    assert report["gemm_peak"]["gflops_per_s"] > 0
+    assert report["gemm_peak"]["gflops_per_s"] > 0 and report["gemv_peak"]["gb_per_s"] > 0
+    for c in report["configs"]:
+        assert c["full_depth"]["decode_gb_per_s"] > 0 and c["full_depth"]["decode_roofline_vs_eager"] > 0
     follows = {f"hollow+pad-ffn: {FOLLOWS_TARGET}"}  # the target is for all visual tokens
     assert {t["target"] for t in report["targets"]} == {t[-1] for t in TARGETS} | follows
 
@@ -168,13 +170,33 @@ def test_composition_of_a_linear_model_is_exact() -> None:
     config = Config("transformers-eager", "transformers")
     measured = linear_measurement(per_layer=30.0, rest=200.0, built=4, m=2)
     assert stage_model(config, measured, 2).layer_prefill_ms == {"full": pytest.approx(30.0)}
-    result = compose(SMALL, config, measured, Reductions(), built=4, m=2, peak_gflops=10.0)
+    result = compose(SMALL, config, measured, Reductions(), built=4, m=2, peak_gflops=10.0, peak_gb_per_s=5.0)
     assert result["check"]["ttft_ms"]["error"] == pytest.approx(0.0, abs=1e-12)
     assert result["check"]["within_tolerance"]
     assert result["full_depth"]["ttft_ms"] == pytest.approx(200.0 + 30.0 * SMALL.full_layers)
     assert result["full_depth"]["decode_tokens_per_s"] == pytest.approx(1e3 / (20.0 + SMALL.full_layers))
-    report = with_ratios({"configs": [{"name": config.name, **result}, {"name": "unreduced", **result}]})
-    assert report["configs"][1]["full_depth"]["ttft_vs_eager"] == pytest.approx(1.0)
+    # decode reads every weight (fp32: 4 bytes) and the KV cache at the mean position of the answer
+    full = result["full_depth"]
+    d, depth, positions = SMALL.hidden_size, SMALL.full_layers, 20 + 3 / 2
+    layer = 4 * (4 * d * d + 3 * d * SMALL.intermediate_size) + 4 * 2 * d
+    step_bytes = depth * layer + 4 * d * SMALL.vocab_size + 4 * 2 * depth * d * positions
+    assert full["decode_step_mb"] * 2**20 == pytest.approx(step_bytes)
+    assert full["decode_gb_per_s"] == pytest.approx(step_bytes * full["decode_tokens_per_s"] / 1e9)
+    assert full["gemv_peak_share"] == pytest.approx(full["decode_gb_per_s"] / 5.0)
+    report = with_ratios(
+        {
+            "configs": [{"name": config.name, **result}, {"name": "unreduced", **result}],
+            "gemm_peak": {"gflops_per_s": 10.0},
+            "gemv_peak": {"gb_per_s": 5.0},
+        }
+    )
+    unreduced = report["configs"][1]["full_depth"]
+    assert unreduced["ttft_vs_eager"] == pytest.approx(1.0)
+    # the roofline: the same FLOPs at the GEMM peak, the same bytes at the GEMV peak
+    assert unreduced["ttft_roofline_vs_eager"] == pytest.approx(full["gemm_peak_share"])
+    assert unreduced["decode_roofline_vs_eager"] == pytest.approx(1 / full["gemv_peak_share"])
+    roofline = {t["target"]: t["roofline"] for t in report["targets"]}
+    assert roofline[TARGETS[1][-1]] == pytest.approx(1 / full["gemv_peak_share"])
 
 
 @pytest.mark.parametrize(

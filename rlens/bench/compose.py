@@ -86,9 +86,17 @@ def layer_bytes(g: BenchGeometry, precision: str = "fp32", kind: str = "full") -
     return weight_bytes(precision) * (attention + ffn) + gathered + 4 * 2 * d
 
 
-def kv_bytes(g: BenchGeometry, depth: int, tokens: int) -> int:
+def kv_bytes(g: BenchGeometry, depth: int, tokens: float) -> float:
     """fp32 bytes of the KV cache of ``tokens`` positions over ``depth`` layers."""
     return 4 * 2 * depth * g.num_kv_heads * (g.hidden_size // g.num_heads) * tokens
+
+
+def decode_step_bytes(g: BenchGeometry, precision: str, depth: int, positions: float) -> float:
+    """Bytes one decode step must read from memory: every layer's weights, ``lm_head``'s, and the KV
+    cache of ``positions`` tokens. A reduced layer reads what a full one does here: with no visual
+    token in the step, PAD-FFN gathers no rows and Hollow Attention slices nothing."""
+    lm_head = weight_bytes(precision) * g.hidden_size * g.vocab_size
+    return depth * layer_bytes(g, precision) + lm_head + kv_bytes(g, depth, positions)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,9 @@ class Figures:
     prefill_gflops: float
     gflops_per_s: float
     gemm_peak_share: float
+    decode_step_mb: float
+    decode_gb_per_s: float
+    gemv_peak_share: float
     peak_rss_mb: float
     weights_kv_mb: float
 
@@ -122,8 +133,9 @@ def figures(
     ttft_ms: float,
     decode_tokens_per_s: float,
     peak_gflops: float,
+    peak_gb_per_s: float,
 ) -> Figures:
-    """FLOPs, GFLOP/s and memory at ``depth`` around the given times.
+    """FLOPs, GFLOP/s, decode GB/s and memory at ``depth`` around the given times.
 
     Memory at another depth than the built one moves by the weights and KV cache of the layers added:
     what the runtime holds beyond them (activations, arenas, the interpreter) does not grow with depth.
@@ -139,6 +151,8 @@ def figures(
     added = weights(depth) - weights(built) + kv_bytes(g, depth, positions) - kv_bytes(g, built, positions)
     weights_kv = measured["weights_mb"] * 2**20 + kv_bytes(g, built, positions) + added
     gflops_per_s = flops / ttft_ms / 1e6
+    step_bytes = decode_step_bytes(g, precision, depth, prompt + len(measured["tokens"]) / 2)
+    gb_per_s = step_bytes * decode_tokens_per_s / 1e9
     return Figures(
         depth=depth,
         ttft_ms=ttft_ms,
@@ -146,6 +160,9 @@ def figures(
         prefill_gflops=flops / 1e9,
         gflops_per_s=gflops_per_s,
         gemm_peak_share=gflops_per_s / peak_gflops,
+        decode_step_mb=step_bytes / 2**20,
+        decode_gb_per_s=gb_per_s,
+        gemv_peak_share=gb_per_s / peak_gb_per_s,
         peak_rss_mb=measured["peak_rss_mb"] + added / 2**20,
         weights_kv_mb=weights_kv / 2**20,
     )
@@ -212,6 +229,7 @@ def compose(
     built: int,
     m: int,
     peak_gflops: float,
+    peak_gb_per_s: float,
 ) -> dict[str, Any]:
     """Measured figures at the built depth, the composition there (the check), and at full depth."""
     model = stage_model(config, measured, m)
@@ -225,6 +243,7 @@ def compose(
         measured["ttft_ms"],
         measured["decode_tokens_per_s"],
         peak_gflops,
+        peak_gb_per_s,
     )
     kinds = config.layer_kinds(built)
     composed_ttft, composed_decode = model.ttft_ms(kinds), model.decode_tokens_per_s(kinds)
@@ -241,6 +260,7 @@ def compose(
         model.ttft_ms(full_kinds),
         model.decode_tokens_per_s(full_kinds),
         peak_gflops,
+        peak_gb_per_s,
     )
     return {
         "measured": at_built.to_dict(),

@@ -5,6 +5,8 @@ the parent's pages), runs one function, and returns a plain dict. Every measurem
 and reports the median of ``runs`` repetitions.
 
 - ``gemm_peak``: the machine's fp32 MatMul speed through ONNX Runtime, the yardstick for GFLOP/s.
+- ``gemv_peak``: the speed at which one token's fp32 MatMul streams its weights (GB/s), the yardstick
+  for decoding, which reads every weight once per token.
 - ``measure_eager``: transformers ``generate`` at the built depth, and again with the decoder cut to
   0 and ``m`` layers (the stage times its full-depth figures are composed from).
 - ``measure_pipeline``: ``rlens.runtime.Pipeline.generate`` on an exported artifact, every session
@@ -78,6 +80,17 @@ def gemm_peak(m: int, k: int, n: int, runs: int) -> BenchResult:
     feeds = {"A": rng.standard_normal((m, k), dtype=np.float32)}
     ms = median_ms(lambda: session.run(None, feeds), runs)
     return {"shape": [m, k, n], "ms": ms, "gflops_per_s": 2 * m * k * n / ms / 1e6}
+
+
+def gemv_peak(k: int, n: int, runs: int) -> BenchResult:
+    """GB/s at which a ``[1, k] @ [k, n]`` fp32 MatMul reads its constant weight in ONNX Runtime.
+
+    A decode step is a chain of such products, one token against each weight matrix, so its speed is
+    bounded by how fast the weights stream from memory: with ``n`` large enough that the weight
+    (``4 k n`` bytes) is far beyond the caches, this is that bound as ONNX Runtime reaches it.
+    """
+    result = gemm_peak(1, k, n, runs)
+    return {"shape": [k, n], "ms": result["ms"], "gb_per_s": 4 * k * n / result["ms"] / 1e6}
 
 
 # -- transformers eager --------------------------------------------------------------------------

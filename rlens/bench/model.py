@@ -29,7 +29,7 @@ from rlens.tiny import (
 
 @dataclass(frozen=True)
 class BenchGeometry:
-    """The sizes of a LLaVA: a CLIP ViT tower, a LLaMA decoder, and the matrix the GEMM peak is taken on."""
+    """The sizes of a LLaVA: a CLIP ViT tower, a LLaMA decoder, and the matrices the peaks are taken on."""
 
     vision_hidden: int
     vision_intermediate: int
@@ -45,6 +45,7 @@ class BenchGeometry:
     full_layers: int  # the real model's decoder depth, which the figures are composed for
     max_positions: int
     peak_gemm: tuple[int, int, int]  # M, K, N of the MatMul whose speed is the machine's peak
+    peak_gemv: tuple[int, int]  # K, N of the one-token MatMul whose weight-read speed bounds decoding
 
     @property
     def num_visual_tokens(self) -> int:
@@ -54,10 +55,10 @@ class BenchGeometry:
 GEOMETRIES = {
     # ViT-L/14-336 (24 layers, features from the 23rd) and Vicuna-7B; llava-hf's vocabulary
     "llava-1.5-7b": BenchGeometry(
-        1024, 4096, 24, 16, 336, 14, 4096, 11008, 32, 32, 32064, 32, 4096, (2048, 4096, 4096)
+        1024, 4096, 24, 16, 336, 14, 4096, 11008, 32, 32, 32064, 32, 4096, (2048, 4096, 4096), (4096, 32064)
     ),
     # the same code path in seconds, for tests and a first look
-    "small": BenchGeometry(64, 256, 3, 4, 112, 14, 128, 352, 4, 4, 500, 8, 512, (256, 512, 512)),
+    "small": BenchGeometry(64, 256, 3, 4, 112, 14, 128, 352, 4, 4, 500, 8, 512, (256, 512, 512), (512, 2048)),
 }
 
 

@@ -1,6 +1,6 @@
 """``run_bench``: build the model, export each configuration, measure each in its own process, compose.
 
-    build random LLaVA + CLIP + probe decoders (builder) -> GEMM peak (child)
+    build random LLaVA + CLIP + probe decoders (builder) -> GEMM and GEMV peaks (children)
     -> transformers eager (child)
     -> for each exported configuration: export (builder) -> measure (child) -> delete the artifact
     -> compose full-depth figures, check them at the built depth, compare with eager
@@ -26,6 +26,7 @@ from rlens.bench.measure import (
     child_process,
     export_config,
     gemm_peak,
+    gemv_peak,
     in_child,
     measure_eager,
     measure_pipeline,
@@ -120,11 +121,13 @@ def run_bench(options: BenchOptions, log: Callable[[str], None] = print) -> dict
         ).result()
         step(f"GEMM peak: {'x'.join(map(str, g.peak_gemm))} fp32 MatMul in ONNX Runtime")
         peak = in_child(gemm_peak, *g.peak_gemm, max(options.runs, 5))
+        step(f"GEMV peak: a 1x{'x'.join(map(str, g.peak_gemv))} fp32 MatMul's weight read in ONNX Runtime")
+        bandwidth = in_child(gemv_peak, *g.peak_gemv, max(options.runs, 5))
         measured = {}
         for config in CONFIGS:
             measured[config.name] = measure_config(config, options, built, builder, Path(tmp), step)
     step("done")
-    return {**assemble(options, peak, measured), "wall_s": time.perf_counter() - start}
+    return {**assemble(options, peak, bandwidth, measured), "wall_s": time.perf_counter() - start}
 
 
 def measure_config(
@@ -155,9 +158,13 @@ def measure_config(
 
 
 def assemble(
-    options: BenchOptions, peak: dict[str, Any], measured: dict[str, dict[str, Any]]
+    options: BenchOptions,
+    peak: dict[str, Any],
+    bandwidth: dict[str, Any],
+    measured: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The report: the run's settings, the GEMM peak, and per configuration what ``compose`` makes of it."""
+    """The report: the run's settings, the GEMM and GEMV peaks, and per configuration what ``compose``
+    makes of it."""
     g, m = GEOMETRIES[options.geometry], probe_depth(options.layers)
     configs = []
     for c in CONFIGS:
@@ -172,7 +179,16 @@ def assemble(
                 "visual_tokens": result["visual_tokens"],
                 "prompt_tokens": result["prompt_tokens"],
                 "tokens": result["tokens"],
-                **compose(g, c, result, options.reductions, options.layers, m, peak["gflops_per_s"]),
+                **compose(
+                    g,
+                    c,
+                    result,
+                    options.reductions,
+                    options.layers,
+                    m,
+                    peak["gflops_per_s"],
+                    bandwidth["gb_per_s"],
+                ),
                 "raw": {k: v for k, v in result.items() if k != "tokens"},
             }
         )
@@ -187,5 +203,6 @@ def assemble(
         "precision": options.precision,
         "reductions": asdict(options.reductions),
         "gemm_peak": peak,
+        "gemv_peak": bandwidth,
         "configs": configs,
     }
