@@ -24,8 +24,8 @@ from rlens.runtime.pipeline import Pipeline
 ROOT = Path(__file__).resolve().parent.parent
 CPP = ROOT / "cpp"
 IMAGE = ROOT / "examples" / "toy.png"
-PROMPT = "How many objects are there?"
-ANSWER = "4"
+PROMPT = "How many blue objects are there?"
+ANSWER = "2"
 MAX_NEW_TOKENS = 12
 
 

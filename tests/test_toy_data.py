@@ -61,8 +61,11 @@ def test_exactly_n_balanced_kinds(samples: list[Sample]) -> None:
     assert [s.kind for s in samples] == [KINDS[i % len(KINDS)] for i in range(N)]
     answers = collections.Counter((s.kind, s.answer) for s in samples if s.kind in ("exists", "relative"))
     per_kind = N // len(KINDS)
-    for kind in ("exists", "relative"):
-        assert answers[(kind, "yes")] == answers[(kind, "no")] == per_kind // 2
+    assert answers[("exists", "yes")] == answers[("exists", "no")] == per_kind // 2
+    before = answers[("relative", "left")] + answers[("relative", "above")]
+    after = answers[("relative", "right")] + answers[("relative", "below")]
+    assert before == after == per_kind // 2
+    assert min(answers[("relative", side)] for side in ("left", "right", "above", "below")) > 0
     assert len(toy_set(7, seed=0)) == 7
     assert toy_set(0, seed=0) == []
 
@@ -124,28 +127,20 @@ def expected_answer(question: str, objects: list[Obj], size: int) -> str | None:
                 return None
             return ("top" if cy < size / 2 else "bottom") + (" left" if cx < size / 2 else " right")
     if q.startswith("Is the "):
-        for relation in ("left of", "right of", "above", "below"):
-            head, sep, tail = q[len("Is the ") :].partition(f" {relation} the ")
+        for choice, sides in (
+            ("left or right of", ("left", "right")),
+            ("above or below", ("above", "below")),
+        ):
+            head, sep, tail = q[len("Is the ") :].partition(f" {choice} the ")
             if sep:
                 a, b = the(head), the(tail)
                 if a is None or b is None:
                     return None
                 (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.bbox, b.bbox
-                holds = {
-                    "left of": ax1 <= bx0,
-                    "right of": bx1 <= ax0,
-                    "above": ay1 <= by0,
-                    "below": by1 <= ay0,
-                }[relation]
-                opposite = {
-                    "left of": bx1 <= ax0,
-                    "right of": ax1 <= bx0,
-                    "above": by1 <= ay0,
-                    "below": ay1 <= by0,
-                }[relation]
-                if holds == opposite:  # overlapping along that axis: not asked
+                first, second = (ax1 <= bx0, bx1 <= ax0) if sides[0] == "left" else (ay1 <= by0, by1 <= ay0)
+                if first == second:  # overlapping along that axis: not asked
                     return None
-                return "yes" if holds else "no"
+                return sides[0] if first else sides[1]
     raise AssertionError(f"unknown question {question!r}")
 
 
@@ -163,8 +158,10 @@ def test_every_answer_follows_from_the_objects(samples: list[Sample]) -> None:
         checked[sample.kind] += 1
         if sample.kind == "position":
             assert sample.answer in POSITIONS
-        if sample.kind in ("exists", "relative"):
+        if sample.kind == "exists":
             assert sample.answer in ("yes", "no")
+        if sample.kind == "relative":
+            assert sample.answer in ("left", "right", "above", "below")
         if sample.kind == "count":
             assert sample.answer.isdigit() and 0 <= int(sample.answer) <= 6
     assert set(checked) == set(KINDS)

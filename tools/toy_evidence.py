@@ -234,14 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.work / "eval" / "data.jsonl"
-    if not data.exists():
-        data.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(toy_set(args.eval_n, seed=0), data)
-    calib = args.work / "calib" / "calib.jsonl"
-    if not calib.exists():
-        calib.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(toy_set(args.calib_n, seed=1), calib)
+    # both sets are written afresh on every run (seconds): a set left from an older generator would
+    # otherwise be evaluated, or ranked on, as if it were today's
+    data = write_jsonl(toy_set(args.eval_n, seed=0), args.work / "eval" / "data.jsonl")
+    calib = write_jsonl(toy_set(args.calib_n, seed=1), args.work / "calib" / "calib.jsonl")
     ranking = toy.resolve(toy.TOY) / "ranking.json"
     if args.rank or not ranking.exists():
         log("ranking layers")

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define PROMPT "How many objects are there?" /* tests/test_capi.py asks the same */
+#define PROMPT "How many blue objects are there?" /* tests/test_capi.py asks the same */
 
 static int failures = 0;
 static int64_t expected[4096];

@@ -311,8 +311,8 @@ def write_graphs(
     ``tensorrt``: the decoder reads its visual span from an input's shape (``build_decoder``).
     ``precision``: the decoder's MatMul weights (``with_precision``). The embedding is a Gather and
     stays fp32; so does the vision tower, which runs once per image rather than once per token:
-    quantized as well, it raised the toy model's image-feature error from 5e-7 to 8e-3 (int8) and 0.06
-    (int4), and its logit error from 0.006 to 0.010 (int8) and 0.071 to 0.097 (int4).
+    quantized as well, it raised the first shipped toy model's image-feature error from 5e-7 to 8e-3
+    (int8) and 0.06 (int4), and its logit error from 0.006 to 0.010 (int8) and 0.071 to 0.097 (int4).
     """
     text = model.config.text_config
     builders: dict[str, Callable[[], ir.Model]] = {

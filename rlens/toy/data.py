@@ -14,19 +14,21 @@ Questions (:data:`KINDS`), each generated only when its answer is unambiguous fo
 ``exists``    "Is there a blue triangle?"                                        -> "yes" / "no"
 ``position``  "Where is the green circle?" (colour+shape unique, clear of the midlines)
               -> "top left", "top right", "bottom left", "bottom right"
-``relative``  "Is the red square left of the blue circle?" (left of / right of / above / below; both
-              named objects unique, their boxes apart along that axis)           -> "yes" / "no"
+``relative``  "Is the red square left or right of the blue circle?", "Is the red square above or below
+              the blue circle?" (both named objects unique, their boxes apart along that axis)
+              -> "left" / "right" / "above" / "below"
 
 Positions are the four quadrants only (no "center", no "top"): no answer is then a prefix of another,
 which :func:`is_correct` relies on. Answers are canonical: :func:`normalize_answer` of an answer is
 itself.
 
 :func:`toy_set` draws ``n`` samples, one question per freshly drawn scene, kinds round-robin in
-:data:`KINDS` order, and ``yes``/``no`` alternating within ``exists`` and within ``relative`` (so those
-kinds are balanced exactly; ``count`` alternates "how many objects" with "how many circles / red
-objects"). Everything comes from one ``np.random.default_rng(seed)``: no global random
-state, no ``hash()``, no set iteration order. :func:`write_jsonl` writes a set in the calibration format
-of ``rlens rank`` plus ``"kind"`` (and the objects), which ``rlens eval`` reads.
+:data:`KINDS` order, ``yes``/``no`` alternating within ``exists`` and "left"/"above" with
+"right"/"below" within ``relative`` (so those kinds are balanced exactly; ``count`` alternates "how
+many objects" with "how many circles / red objects"). Everything comes from one
+``np.random.default_rng(seed)``: no global random state, no ``hash()``, no set iteration order.
+:func:`write_jsonl` writes a set in the calibration format of ``rlens rank`` plus ``"kind"`` (and the
+objects), which ``rlens eval`` reads.
 """
 
 from __future__ import annotations
@@ -60,7 +62,20 @@ PLURALS = {
 }
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 RELATIONS = ("left of", "right of", "above", "below")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# A relative question names the axis and asks for the side, as GQA's "choose" questions do ("Is the
+# X to the left or to the right of the Y?", Hudson & Manning 2019). The yes/no form ("Is the X left
+# of the Y?") asks the decoder to compare the two positions *and* match the result against the
+# relation word; the shipped 8-layer decoder learned the comparison (a probe read the signs off its
+# residual) but answered that form at chance through every recipe tried, so the set asks the part that
+# is about seeing. BEFORE are the answers where the first object comes first along the axis.
+CHOICES = {
+    "left of": "left or right of",
+    "right of": "left or right of",
+    "above": "above or below",
+    "below": "above or below",
+}
+SIDES = {"left of": "left", "right of": "right", "above": "above", "below": "below"}
+BEFORE = ("left", "above")
 
 MAX_OBJECTS = 6
 # Object half-extent (circle radius) as a fraction of the image side.
@@ -262,7 +277,8 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
 
 def questions_for(scene: Scene, rng: np.random.Generator) -> list[Sample]:
     """Every unambiguous question about ``scene`` (for ``exists``, as many "no" as "yes" questions;
-    ``relative`` has a "yes" and a "no" question for every related pair). Phrasing varies with ``rng``."""
+    ``relative`` asks about every ordered pair apart along an axis, so each "left" has its "right").
+    Phrasing varies with ``rng``."""
     objs, size, image = scene.objects, scene.size, scene.image
     out: list[Sample] = []
 
@@ -313,8 +329,7 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[Sample]:
                 continue
             for relation in RELATIONS:
                 if relation_holds(a, b, relation, gap):
-                    add(f"Is the {a.name} {relation} the {b.name}?", "yes", "relative")
-                    add(f"Is the {a.name} {OPPOSITE[relation]} the {b.name}?", "no", "relative")
+                    add(f"Is the {a.name} {CHOICES[relation]} the {b.name}?", SIDES[relation], "relative")
     return out
 
 
@@ -324,20 +339,24 @@ def _counts_all(question: str) -> bool:
 
 def options_for(questions: list[Sample], kind: str, even: bool) -> list[Sample]:
     """The questions of ``kind`` that :func:`toy_set` may pick for its ``even``-th or odd slot of that
-    kind: "yes" answers on even slots and "no" on odd ones for ``exists`` and ``relative``, "how many
-    objects" on even slots and "how many circles / red objects" on odd ones for ``count``."""
+    kind: "yes" answers on even slots and "no" on odd ones for ``exists``, "left"/"above" on even slots
+    and "right"/"below" on odd ones for ``relative``, "how many objects" on even slots and "how many
+    circles / red objects" on odd ones for ``count``."""
     options = [s for s in questions if s.kind == kind]
-    if kind in ("exists", "relative"):
+    if kind == "exists":
         return [s for s in options if s.answer == ("yes" if even else "no")]
+    if kind == "relative":
+        return [s for s in options if (s.answer in BEFORE) == even]
     if kind == "count":
         return [s for s in options if _counts_all(s.question) == even]
     return options
 
 
 def toy_set(n: int, seed: int, size: int = 224) -> list[Sample]:
-    """``n`` samples, one per scene, kinds round-robin in :data:`KINDS` order; ``exists`` and ``relative``
-    alternate "yes" and "no", and ``count`` alternates counting all objects and counting one shape or
-    colour (which is mostly 0, 1 or 2). The same (n, seed, size) gives the same samples, pixel for pixel."""
+    """``n`` samples, one per scene, kinds round-robin in :data:`KINDS` order; ``exists`` alternates "yes"
+    and "no", ``relative`` "left"/"above" and "right"/"below", and ``count`` alternates counting all
+    objects and counting one shape or colour (which is mostly 0, 1 or 2). The same (n, seed, size) gives
+    the same samples, pixel for pixel."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
