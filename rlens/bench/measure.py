@@ -328,7 +328,6 @@ def time_probe(session: Any, prefill: dict[str, np.ndarray], runs: int, steps: i
     decode step after it (``steps`` times: as many as the timed generations made, a step being short
     enough for a busy moment of the machine to sway a median of few)."""
     names = {i.name for i in session.get_inputs()}
-    layers = sum(1 for n in names if n.startswith("past_key_values") and n.endswith(".key"))
     batch, length = prefill["attention_mask"].shape
     feeds = prefill_feeds_for(session, prefill)
     prefill_ms = median_ms(lambda: session.run(None, feeds), runs)
@@ -340,11 +339,9 @@ def time_probe(session: Any, prefill: dict[str, np.ndarray], runs: int, steps: i
     }
     if "visual_start" in names:  # a decode step carries no visual tokens
         step |= {"visual_start": np.array(0, np.int64), "visual_lengths": np.zeros(batch, np.int64)}
-    step |= {
-        f"past_key_values.{i}.{kv}": presents[2 * i + j]
-        for i in range(layers)
-        for j, kv in enumerate(("key", "value"))
-    }
+    # the presents come as key, value per layer, as the runtime pairs them (Pipeline.cache_names)
+    past = [f"past_key_values.{i}.{kv}" for i in range(len(presents) // 2) for kv in ("key", "value")]
+    step |= dict(zip(past, presents, strict=True))
     return {"prefill": prefill_ms, "step": median_ms(lambda: session.run(None, step), steps)}
 
 
