@@ -135,12 +135,15 @@ def pad_ffn(
             text_count = b.op("Sub", chunk.new, V)
             y_text = b.op("MatMul", b.slice(m_all, 0, text_count, 1), w.down)  # [B, S-V, d]
             m = b.slice(m_all, text_count, b.op("Add", text_count, b.op("Squeeze", b.dim(probes, 1))), 1)
+            # keepdims=1 then Squeeze: ORT's CUDA reductions refuse to drop an axis of size 0, and a
+            # decode step has no probes
             score = b.op(
                 "ReduceSum",
                 b.op("Mul", b.op("Abs", m), b.op("Unsqueeze", weight, b.const([-1]))),
                 b.const([1]),
-                keepdims=0,
-            )  # [B, d_ff] = mean over each row's probes of |m|
+                keepdims=1,
+            )
+            score = b.op("Squeeze", score, b.const([1]))  # [B, d_ff] = mean over each row's probes of |m|
             _, idx = b.ops(
                 "TopK", score, b.const([keep]), num_outputs=2, axis=-1, largest=1, sorted=1
             )  # [B, K]

@@ -51,7 +51,7 @@ class DecoderState:
 
     attention_mask: np.ndarray  # [B, T] int64, 0 on left padding
     positions: np.ndarray  # [B, 1] int64, position id of the last token fed
-    cache: dict[str, Any] = field(default_factory=dict)  # numpy, or GPU tensors of TensorRT engines
+    cache: dict[str, Any] = field(default_factory=dict)  # numpy; on a GPU, OrtValues or torch tensors
 
 
 @dataclass(frozen=True)

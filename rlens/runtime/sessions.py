@@ -4,14 +4,22 @@
 ``rlens export --target tensorrt`` built beside the graphs when the manifest records them
 (``rlens.tensorrt.runtime``: prebuilt profiles, the KV cache kept on the GPU), and ONNX Runtime's
 TensorRT execution provider on the ONNX graphs when it does not.
+
+On a GPU provider every ORT session is wrapped in ``DeviceSession``: without IO binding ORT copies
+each output back to the host and each input to the device on every ``run``, so the KV cache would
+cross PCIe twice per generated token (ORT, "I/O Binding"). With it, the ``present.*`` outputs stay
+on the GPU as ``OrtValue``s and go straight back in as the next step's ``past_key_values.*``; only
+the small tensors the pipeline reads (logits, TRIM's counts) come to the host.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnxruntime as ort
 
 from rlens.errors import RlensError
@@ -42,6 +50,8 @@ def execution_providers(provider: str) -> list[str]:
 
 def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSession:
     """One inference session; a missing or corrupt graph becomes a one-line RlensError."""
+    if provider != "cpu":
+        _preload_cuda_libraries()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -62,4 +72,64 @@ def graph_opener(artifact_dir: Path, manifest: Manifest, provider: str) -> Calla
 
     if uses_engines(manifest, provider):
         return Engines(artifact_dir, manifest).open  # refuses engines built for another release or GPU
-    return lambda name: open_session(artifact_dir / manifest.graphs[name].file, provider)
+    if provider == "cpu":
+        return lambda name: open_session(artifact_dir / manifest.graphs[name].file, provider)
+    return lambda name: DeviceSession(open_session(artifact_dir / manifest.graphs[name].file, provider))
+
+
+FED_BACK = ("present.", "past_key_values.")
+"""An output named ``present.X`` is the next call's input ``past_key_values.X``: it stays on the GPU."""
+
+
+def fed_back(input_names: set[str], output_names: list[str]) -> set[str]:
+    """The outputs the next call takes back as inputs (the KV cache): those a GPU session keeps there."""
+    return {name for name in output_names if name.replace(*FED_BACK, 1) in input_names}
+
+
+class DeviceSession:
+    """An ORT session on a GPU provider, run through IO binding: the KV cache never leaves the device.
+
+    Same call interface as ``InferenceSession`` (``run``, ``get_inputs``, ``get_outputs``). Feeds are
+    numpy arrays (copied to the device once per call) or ``OrtValue``s already there; fed-back
+    outputs come back as ``OrtValue``s on ``device`` (ORT's device name: ``cuda``, or ``cpu`` for
+    the tests without a GPU), every other output as numpy.
+    """
+
+    def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0) -> None:
+        self.session, self.device, self.device_id = session, device, device_id
+        self.fed_back = fed_back(
+            {i.name for i in session.get_inputs()}, [o.name for o in session.get_outputs()]
+        )
+
+    def get_inputs(self) -> list[Any]:
+        return self.session.get_inputs()
+
+    def get_outputs(self) -> list[Any]:
+        return self.session.get_outputs()
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.asarray(value, order="C"))  # ascontiguousarray makes 0-d 1-d
+        names = output_names or [o.name for o in self.session.get_outputs()]
+        for name in names:
+            binding.bind_output(name, self.device if name in self.fed_back else "cpu", self.device_id)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return [v if n in self.fed_back else v.numpy() for n, v in zip(names, values, strict=True)]
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the ``nvidia-*`` pip packages (``onnxruntime-gpu[cuda,cudnn]``).
+
+    Those packages are not on the loader's path; ``onnxruntime.preload_dlls`` (ORT 1.21+) finds them,
+    and leaves libraries a CUDA build of torch already loaded alone (ORT docs, CUDA provider:
+    "Preload DLLs"). Older ORTs, and system-wide CUDA installs, need nothing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()

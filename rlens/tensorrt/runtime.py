@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rlens.errors import RlensError
+from rlens.runtime.sessions import FED_BACK, fed_back
 from rlens.tensorrt import engines
 from rlens.tensorrt.engines import EngineLimits, Profile, profiles_for
 
@@ -56,9 +57,6 @@ ENGINE_DTYPES: dict[str, str] = {
     "UINT8": "uint8",
 }
 """TensorRT ``DataType`` member names -> torch dtype names, for the types rlens graphs carry."""
-
-FED_BACK = ("present.", "past_key_values.")
-"""An output named ``present.X`` is the next call's input ``past_key_values.X``: it stays on the GPU."""
 
 
 def uses_engines(manifest: Manifest, provider: str) -> bool:
@@ -209,8 +207,7 @@ class EngineSession:
             )
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.profile: int | None = None
-        names = {t.name for t in inputs}
-        self.fed_back = {t.name for t in outputs if t.name.replace(*FED_BACK, 1) in names}
+        self.fed_back = fed_back({t.name for t in inputs}, [t.name for t in outputs])
         # TensorRT wants an address even for an empty tensor (the first call's KV cache), torch gives 0
         self.placeholder = torch.empty(256, dtype=torch.uint8, device=device)
         self.dtypes = {t.name: _dtype(engine, name, t.name) for t in [*inputs, *outputs]}
