@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import Exported
+from conftest import REDUCTION_FLAGS, Exported
 
 from rlens.cli.main import main as rlens_main
 from rlens.precision import DEFAULT_ATOL
@@ -113,7 +113,25 @@ def test_toy_model_answers_alike_on_cuda(toy_artifact: Path) -> None:
 
 
 @needs_cuda
-def test_int8_toy_model_answers_alike_on_cuda(tmp_path: Path) -> None:
-    artifact = tmp_path / "toy-int8"
-    assert rlens_main(["export", "toy", "-o", str(artifact), "-q", "--precision", "int8"]) == 0
-    assert_cuda_matches_cpu(artifact, TOY_IMAGE, ["How many blue objects are there?"], max_new=8)
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_toy_model_at_other_precisions_answers_alike_on_cuda(
+    tmp_path: Path, toy_artifact: Path, precision: str
+) -> None:
+    artifact = tmp_path / f"toy-{precision}"
+    assert rlens_main(["export", "toy", "-o", str(artifact), "-q", "--precision", precision]) == 0
+    questions = ["How many blue objects are there?", "Is the green square above or below the yellow cross?"]
+    assert_cuda_matches_cpu(artifact, TOY_IMAGE, questions, max_new=8)
+    fp32 = Pipeline.load(toy_artifact, provider="cpu")
+    for question in questions:  # and the fp32 model's answers
+        expected = fp32.generate(TOY_IMAGE, question, 8).token_ids
+        assert Pipeline.load(artifact, provider="cuda").generate(TOY_IMAGE, question, 8).token_ids == expected
+
+
+@needs_cuda
+def test_fp16_with_reductions_and_trim_runs_on_cuda(
+    exported: dict[str, Exported], reduced_trim: Path, image_file: Path, tmp_path: Path
+) -> None:
+    flags = [*REDUCTION_FLAGS, "--clip-model", str(reduced_trim.parent / "clip"), "--precision", "fp16"]
+    artifact = tmp_path / "fp16-reduced"
+    assert rlens_main(["export", str(exported["llama"].checkpoint), "-o", str(artifact), "-q", *flags]) == 0
+    assert_cuda_matches_cpu(artifact, image_file, ["What is in the picture?"], tokens=False)

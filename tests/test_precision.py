@@ -26,7 +26,7 @@ from rlens.errors import RlensError
 from rlens.exporter.validate import SAMPLE_PROMPT, relative_error, sample_image
 from rlens.graphs.builder import FLOAT, INT64, GraphBuilder
 from rlens.graphs.quantize import MS_DOMAIN, BlockQuantized, dequantize, quantize_weights
-from rlens.manifest import manifest_from_dict, read_manifest
+from rlens.manifest import Manifest, manifest_from_dict, read_manifest
 from rlens.precision import BLOCK_SIZE, DEFAULT_ATOL
 from rlens.runtime.pipeline import Pipeline
 
@@ -172,13 +172,19 @@ def check_against_fp32(artifact: Path, fp32_artifact: Path, precision: str, toke
     return errors
 
 
+def validated_at(artifact: Path, precision: str) -> Manifest:
+    """The artifact's manifest, after checking it records ``precision`` and passed its default tolerance."""
+    manifest = read_manifest(artifact)
+    assert manifest.precision == precision
+    v = manifest.validation
+    assert v is not None and v.atol == DEFAULT_ATOL[precision]
+    assert max(v.prefill_logits_max_diff, v.decode_logits_max_diff) <= v.atol
+    return manifest
+
+
 def test_int8_artifact_answers_as_fp32(quantized: dict[str, Path], exported: dict[str, Exported]) -> None:
     artifact = quantized["int8"]
-    manifest = read_manifest(artifact)
-    assert manifest.precision == "int8"
-    v = manifest.validation
-    assert v is not None and v.atol == DEFAULT_ATOL["int8"]
-    assert max(v.prefill_logits_max_diff, v.decode_logits_max_diff) <= v.atol
+    manifest = validated_at(artifact, "int8")
     layers = manifest.model.num_layers
     assert matmuls(artifact / "decoder.onnx") == {"MatMulNBits/8": 7 * layers + 1, "MatMul": 2 * layers}
     assert matmuls(artifact / "vision.onnx")["MatMul of a constant"] > 0  # the tower stays fp32
@@ -195,10 +201,8 @@ def test_int4_artifact_with_pad_ffn_stays_within_its_tolerance(
     quantized: dict[str, Path], reduced_trim: Path
 ) -> None:
     artifact = quantized["int4"]
-    manifest = read_manifest(artifact)
-    assert manifest.precision == "int4" and manifest.reductions.ffn_layers == (1,)
-    v = manifest.validation
-    assert v is not None and v.atol == DEFAULT_ATOL["int4"]
+    manifest = validated_at(artifact, "int4")
+    assert manifest.reductions.ffn_layers == (1,)
     # layer 1's PAD-FFN: its text path quantized, the rows it gathers for visual tokens still fp32
     kinds = matmuls(artifact / "decoder.onnx")
     assert kinds["MatMulNBits/4"] == 7 * manifest.model.num_layers + 1 and kinds["MatMul of a constant"] == 0

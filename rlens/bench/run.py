@@ -69,6 +69,11 @@ class BenchOptions:
             raise RlensError(f"--trim takes iqr or ratio:R (0 < R <= 1), got '{self.trim}'")
         if self.precision not in PRECISIONS:
             raise RlensError(f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision == "fp16":
+            raise RlensError(
+                "--precision 'fp16' is for GPUs, and rlens bench measures the CPU (ONNX Runtime runs float16 "
+                "there through casts); choose fp32, int8 or int4, or time a GPU with tools/cuda_bench.py"
+            )
         if self.work is not None and not self.work.is_dir():
             raise RlensError(f"--work {self.work}: not a directory")
 

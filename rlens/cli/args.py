@@ -151,6 +151,7 @@ def add_precision_arg(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=list(PRECISIONS),
-        help="the decoder's MatMul weights: fp32, or int8 / int4 blocks (ONNX Runtime's MatMulNBits, for "
-        "CPU; not TensorRT); the other graphs stay fp32 (default fp32)",
+        help="the decoder's precision: fp32; fp16 (weights, activations and KV cache, for GPUs: CUDA and "
+        "TensorRT); or int8 / int4 weight blocks (ONNX Runtime's MatMulNBits, for CPU; not TensorRT); the "
+        "other graphs stay fp32 (default fp32)",
     )

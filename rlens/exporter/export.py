@@ -157,10 +157,10 @@ def write_trim(
 
 
 def check_precision(options: ExportOptions) -> None:
-    """Refuse an unknown precision, or a quantized one for TensorRT, before anything is loaded."""
+    """Refuse an unknown precision, or a quantized one for TensorRT (fp16 is fine), before loading."""
     if options.precision not in PRECISIONS:
         raise RlensError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if options.precision != "fp32" and options.target != "onnxruntime":
+    if PRECISIONS[options.precision] is not None and options.target != "onnxruntime":
         raise RlensError(
             f"--precision {options.precision} is for --target onnxruntime: its MatMulNBits is an ONNX "
             "Runtime operator, and the TensorRT track's graphs hold standard ONNX operators only"

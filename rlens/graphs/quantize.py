@@ -227,6 +227,11 @@ def quantize_weights(
 
 
 def with_precision(model: ir.Model, precision: str) -> ir.Model:
-    """``model`` as ``--precision`` asks: unchanged for ``fp32``, else its MatMul weights quantized."""
+    """``model`` as ``--precision`` asks: unchanged for ``fp32``, float16 for ``fp16``
+    (``rlens.graphs.half``), else its MatMul weights quantized."""
+    if precision == "fp16":
+        from rlens.graphs.half import to_half
+
+        return to_half(model)
     bits = PRECISIONS[precision]
     return model if bits is None else quantize_weights(model, bits, BLOCK_SIZE[precision])

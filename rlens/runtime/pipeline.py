@@ -141,6 +141,8 @@ class Pipeline:
         self.cache_names = [
             f"past_key_values.{i}.{kv}" for i in range(manifest.model.num_layers) for kv in ("key", "value")
         ]
+        cache_type = next(t.dtype for t in graphs["decoder"].inputs if t.name == self.cache_names[0])
+        self.cache_dtype = np.float16 if cache_type == "float16" else np.float32  # --precision fp16
         if self.trim is None:
             _ = self.vision  # the graph every image goes through: open it now, so a broken one fails at load
 
@@ -200,7 +202,7 @@ class Pipeline:
                 feeds["visual_start"] = np.array(span.start, np.int64)
         if not state.cache:
             m = self.manifest.model
-            empty = np.zeros((embeds.shape[0], m.num_kv_heads, 0, m.head_dim), np.float32)
+            empty = np.zeros((embeds.shape[0], m.num_kv_heads, 0, m.head_dim), self.cache_dtype)
             state.cache = {name: empty for name in self.cache_names}
         feeds.update(state.cache)
         logits, *presents = self.decoder.run(None, feeds)
