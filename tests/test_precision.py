@@ -173,12 +173,12 @@ def check_against_fp32(artifact: Path, fp32_artifact: Path, precision: str, toke
 
 
 def validated_at(artifact: Path, precision: str) -> Manifest:
-    """The artifact's manifest, after checking it records ``precision`` and passed its default tolerance."""
+    """The artifact's manifest, after checking it records ``precision`` and was validated at its default
+    tolerance (``rlens export`` writes no artifact that fails its validation)."""
     manifest = read_manifest(artifact)
     assert manifest.precision == precision
     v = manifest.validation
     assert v is not None and v.atol == DEFAULT_ATOL[precision]
-    assert max(v.prefill_logits_max_diff, v.decode_logits_max_diff) <= v.atol
     return manifest
 
 

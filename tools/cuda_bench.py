@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"layers": args.layers, "device": device, "onnxruntime": ort.__version__}
+        meta = {"layers": args.layers, "runs": args.runs, "new_tokens": args.new_tokens, "device": device}
+        meta["onnxruntime"] = ort.__version__
         meta["torch"] = torch.__version__
         args.out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     return 0

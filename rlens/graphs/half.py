@@ -18,7 +18,7 @@ from the graph (``rlens.tensorrt.engines``).
 
 A pass over the built graph, like ``rlens.graphs.quantize``: the graph functions stay one set, written
 in float32, and this rewrites types. Which nodes are islands is read from their scope in the node
-name (``/model/layers.3/input_layernorm/rms_norm/Pow``), so the islands are the functions
+name (``/model/layers.3/rms_norm/Pow``), so the islands are the functions
 ``rms_norm`` and ``rotary_tables`` whatever calls them.
 """
 
@@ -39,11 +39,15 @@ FP32_ISLANDS = ("/rms_norm/", "/rotary/")
 MASKED_FP16 = -30000.0
 """``MASKED`` in float16: finite, and ``score + MASKED_FP16`` stays finite for any score under 35504.
 
-float16's lowest value (-65504) would not do: adding any negative score overflows it to -inf, a row
-of padding whose keys are all masked then softmaxes to NaN, and ``0 * NaN`` in ``probs @ V`` carries
-the NaN into every row that reads that position's values."""
+float16's lowest value (-65504) would not do: adding a score below about -16 overflows it to -inf,
+a row of padding whose keys are all masked then softmaxes to NaN, and ``0 * NaN`` in ``probs @ V``
+carries the NaN into every row that reads that position's values."""
 
 CACHE_PREFIXES = ("past_key_values.", "present.")
+
+UNHANDLED = ("Constant", "EyeLike", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike")
+"""Ops that make float32 from attributes this pass does not rewrite; rlens's builders use none of them
+(constants are initializers), so meeting one means a graph function changed."""
 
 
 def in_island(node: ir.Node) -> bool:
@@ -56,6 +60,12 @@ class HalfPrecision(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         ShapeInferencePass(strict_mode=False, data_prop=False)(model)  # the type of every value
+        untyped = [v.name for node in graph for v in node.outputs if v.dtype is None]
+        if untyped:  # the pass leaves the model unchanged when inference fails
+            raise RlensError(
+                f"--precision fp16 needs every value's type and ONNX shape inference gave none for "
+                f"{', '.join(map(str, untyped[:3]))}; export with --precision fp32"
+            )
         self._casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
         self.island_copies: dict[ir.Value, ir.Value] = {}
         self._cast_at_island_borders(graph)
@@ -160,6 +170,11 @@ class HalfPrecision(ir.passes.InPlacePass):
         for node in graph:
             if in_island(node) or node.name is None or node.name.startswith(("/cast_", "/output/")):
                 continue
+            default_fill = node.op_type == "ConstantOfShape" and "value" not in node.attributes  # float32 0
+            if node.op_type in UNHANDLED or default_fill:
+                raise RlensError(
+                    f"--precision fp16 does not convert {node.op_type} nodes ({node.name}); export with fp32"
+                )
             to = node.attributes.get("to")
             if node.op_type == "Cast" and to is not None and to.as_int() == FLOAT:
                 node.attributes["to"] = ir.AttrInt64("to", FLOAT16)
@@ -170,22 +185,23 @@ class HalfPrecision(ir.passes.InPlacePass):
 
 
 def _half(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
-    """A float32 tensor in float16: ``MASKED`` becomes ``MASKED_FP16``; big weights convert when written."""
+    """A float32 tensor in float16: ``MASKED`` becomes ``MASKED_FP16``, and a value beyond float16's
+    range is refused rather than written as infinity. Big tensors (weights) convert when written."""
     name = tensor.name
-    if tensor.size > 4096:  # a weight: converted lazily, one at a time as the graph is saved
 
-        def convert() -> ir.TensorProtocol:
-            return ir.Tensor(tensor.numpy().astype(np.float16), name=name)
+    def convert() -> ir.TensorProtocol:
+        array = tensor.numpy()
+        array = np.where(array == MASKED, MASKED_FP16, array)
+        largest = float(np.abs(array).max(initial=0.0))
+        if not largest <= np.finfo(np.float16).max:
+            raise RlensError(
+                f"'{name}' holds {largest:g}, beyond float16's range (65504); export with --precision fp32"
+            )
+        return ir.Tensor(array.astype(np.float16), name=name)
 
+    if tensor.size > 4096:  # a weight: one at a time as the graph is saved, never all at once
         return ir.LazyTensor(convert, dtype=FLOAT16, shape=tensor.shape, name=name)
-    array = tensor.numpy()
-    array = np.where(array == MASKED, MASKED_FP16, array)
-    if np.abs(array).max(initial=0.0) > np.finfo(np.float16).max:
-        raise RlensError(
-            f"constant '{name}' holds {np.abs(array).max():g}, beyond float16's range; "
-            "export with --precision fp32"
-        )
-    return ir.Tensor(array.astype(np.float16), name=name)
+    return convert()
 
 
 def to_half(model: ir.Model) -> ir.Model:
