@@ -298,9 +298,10 @@ def test_engine_profiles_follow_the_manifest(reduced_trim: Path) -> None:
     assert profiles["trim"][0].shapes["clip_input_ids"] == ((1, 1), (1, 16), (2, 77))
 
 
-def test_engine_build_without_tensorrt_stops_with_a_clear_message(reduced_trim: Path) -> None:
+def test_engine_build_without_tensorrt_stops_with_a_clear_message(exported: dict[str, Exported]) -> None:
     if missing_requirement() is None:
         pytest.skip("tensorrt and a GPU are here: the GPU tests build engines")
+    artifact = exported["llama"].artifact  # unreduced: a graph set TensorRT could build
     with pytest.raises(RlensError, match="TensorRT engines need the tensorrt package and an NVIDIA GPU"):
-        build_engines(reduced_trim, read_manifest(reduced_trim))
-    assert not list(reduced_trim.glob("*.engine"))
+        build_engines(artifact, read_manifest(artifact))
+    assert not list(artifact.glob("*.engine"))

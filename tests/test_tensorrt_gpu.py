@@ -72,15 +72,19 @@ def test_toy_engines_match_the_cpu_pipeline(tmp_path: Path) -> None:
         assert_same_tokens(artifact, [TOY_IMAGE], [question], max_new=8)
 
 
-def test_engines_from_another_tensorrt_release_are_refused(
+def test_engines_from_another_tensorrt_release_are_refused_then_rebuilt(
     exported: dict[str, Exported], tmp_path: Path
 ) -> None:
     artifact = export_with_engines(str(exported["mistral"].checkpoint), tmp_path / "tiny")
     manifest = read_manifest(artifact)
     assert manifest.tensorrt is not None
     write_manifest(replace(manifest, tensorrt=replace(manifest.tensorrt, version="9.0.0.0")), artifact)
-    with pytest.raises(RlensError, match=r"built with TensorRT 9\.0\.0\.0"):
+    with pytest.raises(RlensError, match=r"built with TensorRT 9\.0\.0\.0.*`rlens engines "):
         Engines(artifact, read_manifest(artifact))
+    # what the message says to do: rebuild from the graphs alone, then the engines load and answer
+    assert rlens_main(["engines", str(artifact), "-q"]) == 0
+    assert read_manifest(artifact).tensorrt == manifest.tensorrt
+    assert_same_tokens(artifact, [TOY_IMAGE], ["What is in the picture?"])
 
 
 @SPAN_PENDING

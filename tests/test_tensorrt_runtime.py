@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import Exported
 
+from rlens.cli.main import main as rlens_main
 from rlens.errors import RlensError
 from rlens.manifest import TensorRTInfo, read_manifest, write_manifest
 from rlens.runtime.pipeline import Pipeline
@@ -216,7 +217,7 @@ def test_engines_from_another_release_or_gpu_are_refused_before_loading(
         f"built with TensorRT {built_on[0]} for {built_on[1]} (compute capability {built_on[2]})" in message
     )
     assert f"this machine has TensorRT {VERSION} and {GPU[0]} ({GPU[1]})" in message
-    assert "re-run `rlens export` with `--target tensorrt` on this machine" in message
+    assert f"rebuild them here with `rlens engines {artifact}`" in message
     assert FakeTensorRT.runtimes == 0 and FakeTensorRT.deserialized == 0  # refused before TensorRT saw it
 
 
@@ -245,7 +246,8 @@ def test_engines_without_tensorrt_or_gpu_say_what_is_missing(
 
 def test_an_artifact_without_engines_is_refused(exported: dict[str, Exported], machine: FakeTensorRT) -> None:
     artifact = exported["llama"].artifact
-    with pytest.raises(RlensError, match="has no TensorRT engines; build them with `rlens export`"):
+    expected = r"has no TensorRT engines; build them on the GPU machine with `rlens engines .*llama"
+    with pytest.raises(RlensError, match=expected):
         Engines(artifact, read_manifest(artifact), device=torch.device("cpu"))
 
 
@@ -255,10 +257,10 @@ def test_missing_corrupt_and_stale_engines_say_rebuild(
     artifact = fake_build(copy_of(exported["llama"].artifact, tmp_path))
     opened = Engines(artifact, read_manifest(artifact), device=torch.device("cpu"))
     (artifact / "vision.engine").unlink()
-    with pytest.raises(RlensError, match=r"engine of graph 'vision' is missing.*--target tensorrt"):
+    with pytest.raises(RlensError, match=r"engine of graph 'vision' is missing.*`rlens engines "):
         opened.open("vision")
     (artifact / "embedding.engine").write_bytes(b"\x00not a plan")
-    with pytest.raises(RlensError, match=r"TensorRT could not load .*embedding.engine.*--target tensorrt"):
+    with pytest.raises(RlensError, match=r"TensorRT could not load .*embedding.engine.*`rlens engines "):
         opened.open("embedding")
     plan = json.loads((artifact / "decoder.engine").read_text())
     (artifact / "decoder.engine").write_text(json.dumps({**plan, "profiles": 1}))
@@ -384,3 +386,32 @@ def test_provider_tensorrt_opens_the_engines(
         isinstance(getattr(pipeline, n), runtime.EngineSession) for n in ("vision", "embedding", "decoder")
     )
     assert pipeline.generate(image_file, "Hi", 8).token_ids == expected.token_ids
+
+
+# -- rlens engines: (re)building an exported artifact's engines -----------------------------------
+
+
+def test_engines_command_without_tensorrt_leaves_the_artifact_as_it_was(
+    exported: dict[str, Exported], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if engines.missing_requirement() is None:
+        pytest.skip("this machine has TensorRT and a GPU: tests/test_tensorrt_gpu.py builds engines")
+    artifact = copy_of(exported["llama"].artifact, tmp_path)
+    before = sorted(p.name for p in artifact.iterdir()), (artifact / "rlens.json").read_text()
+    assert rlens_main(["engines", str(artifact)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "need the tensorrt package and an NVIDIA GPU" in err
+    assert (sorted(p.name for p in artifact.iterdir()), (artifact / "rlens.json").read_text()) == before
+
+
+@pytest.mark.parametrize("kind", ["reduced", "int8"])
+def test_engines_command_refuses_an_onnxruntime_only_artifact(
+    reduced_trim: Path, quantized: dict[str, Path], kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # refused on any machine, TensorRT or not: the graphs themselves are the problem
+    artifact = reduced_trim if kind == "reduced" else quantized["int8"]
+    assert rlens_main(["engines", str(artifact)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "export again with `--target tensorrt`" in err
+    assert ("the ONNX Runtime track's" if kind == "reduced" else "MatMulNBits") in err
+    assert not list(artifact.glob("*.engine"))

@@ -7,6 +7,7 @@
     rlens bench                           against transformers: TTFT, decode, memory (random weights)
     rlens make-tiny OUT_DIR               a tiny random LLaVA checkpoint, to try rlens without a download
     rlens check --tensorrt OUT_DIR        the graphs against TensorRT's ONNX parser rules, without a GPU
+    rlens engines OUT_DIR                 build (or rebuild) an artifact's TensorRT engines on this GPU
 
 User errors print one line and exit 1; torch and transformers are imported only by the
 subcommands that need them, so ``rlens run`` works with the runtime dependencies alone.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from rlens import __version__
 from rlens.cli import bench as bench_cmd
 from rlens.cli import check as check_cmd
+from rlens.cli import engines as engines_cmd
 from rlens.cli import eval as eval_cmd
 from rlens.cli import export as export_cmd
 from rlens.cli import make_tiny as make_tiny_cmd
@@ -29,7 +31,7 @@ from rlens.cli import rank as rank_cmd
 from rlens.cli import run as run_cmd
 from rlens.errors import RlensError
 
-SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, eval_cmd, bench_cmd, make_tiny_cmd, check_cmd)
+SUBCOMMANDS = (export_cmd, run_cmd, rank_cmd, eval_cmd, bench_cmd, make_tiny_cmd, check_cmd, engines_cmd)
 
 
 def parser() -> argparse.ArgumentParser:

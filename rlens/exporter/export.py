@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 from tqdm import tqdm
@@ -56,6 +56,9 @@ from rlens.reductions import (
     parse_layers,
 )
 from rlens.runtime.preprocess import ImageProcessorConfig
+
+if TYPE_CHECKING:
+    from rlens.tensorrt.engines import EngineLimits
 
 log = logging.getLogger("rlens")
 
@@ -406,19 +409,22 @@ def export(model_dir: str | Path, out_dir: str | Path, options: ExportOptions = 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if options.target == "tensorrt":
-        manifest = build_tensorrt_engines(out_dir, manifest, options)
+        from rlens.tensorrt.engines import EngineLimits
+
+        limits = EngineLimits(options.max_batch, options.max_context, options.max_visual_tokens)
+        manifest = build_tensorrt_engines(out_dir, manifest, limits)
     return manifest
 
 
-def build_tensorrt_engines(out_dir: Path, manifest: Manifest, options: ExportOptions) -> Manifest:
-    """Engines beside the validated graphs, recorded in rlens.json.
+def build_tensorrt_engines(out_dir: Path, manifest: Manifest, limits: EngineLimits) -> Manifest:
+    """Engines beside the validated graphs, recorded in rlens.json (``rlens export --target tensorrt``,
+    and ``rlens engines`` for an artifact exported elsewhere).
 
     Without the tensorrt package or a GPU, ``build_engines`` raises an RlensError that says so; the
     artifact is complete for ONNX Runtime by then, and the message says where the graphs are.
     """
-    from rlens.tensorrt.engines import EngineLimits, build_engines
+    from rlens.tensorrt.engines import build_engines
 
-    limits = EngineLimits(options.max_batch, options.max_context, options.max_visual_tokens)
     manifest = replace(manifest, tensorrt=build_engines(out_dir, manifest, limits))
     write_manifest(manifest, out_dir)
     return manifest

@@ -165,6 +165,25 @@ def missing_requirement() -> str | None:
     return None
 
 
+def refuse_onnxruntime_track(manifest: Manifest, directory: Path) -> None:
+    """Refuse an artifact exported for ONNX Runtime only: engines cannot be built from its graphs.
+
+    Its reduced decoder sizes the visual span from input values (``visual_start``), where TensorRT
+    needs sizes from shapes, and its int8/int4 weights are ONNX Runtime's ``MatMulNBits``.
+    """
+    again = f"export again with `--target tensorrt` (into a new directory, or over '{directory}')"
+    if manifest.precision in ("int8", "int4"):
+        raise RlensError(
+            f"'{directory}' holds {manifest.precision} graphs (ONNX Runtime's MatMulNBits), which TensorRT "
+            f"cannot build; {again} at fp32 or fp16"
+        )
+    if any(t.name == "visual_start" for t in manifest.graphs["decoder"].inputs):
+        raise RlensError(
+            f"the reduced decoder in '{directory}' is the ONNX Runtime track's: it reads the visual span "
+            f"from input values, and TensorRT sizes buffers from shapes; {again}"
+        )
+
+
 def build_engines(
     artifact_dir: str | Path,
     manifest: Manifest,
@@ -183,6 +202,7 @@ def build_engines(
     from rlens.tensorrt.support import parse_target
 
     directory = Path(artifact_dir)
+    refuse_onnxruntime_track(manifest, directory)
     missing = missing_requirement()
     if missing is not None:
         raise RlensError(
@@ -206,17 +226,23 @@ def build_engines(
         raise RlensError("TensorRT could not create a builder: is the NVIDIA driver loaded?")
     profiles = profiles_for(manifest, limits)
     cache_path = directory / TIMING_CACHE
-    engines = {}
-    for name, graph in manifest.graphs.items():
-        log.info("building %s%s", name, ENGINE_SUFFIX)
-        serialized = _build_one(
-            trt, builder, logger, directory / graph.file, name, profiles[name], cache_path
-        )
-        engine = f"{name}{ENGINE_SUFFIX}"
-        partial = directory / f".{engine}.partial"
-        partial.write_bytes(memoryview(serialized))
+    engines, partials = {}, []
+    try:
+        for name, graph in manifest.graphs.items():
+            log.info("building %s%s", name, ENGINE_SUFFIX)
+            serialized = _build_one(
+                trt, builder, logger, directory / graph.file, name, profiles[name], cache_path
+            )
+            engine = f"{name}{ENGINE_SUFFIX}"
+            partials.append(directory / f".{engine}.partial")
+            partials[-1].write_bytes(memoryview(serialized))
+            engines[name] = engine
+    except BaseException:  # engines a rebuild already had stay as they were, matching rlens.json
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        raise
+    for partial, engine in zip(partials, engines.values(), strict=True):
         partial.replace(directory / engine)
-        engines[name] = engine
     resolved = resolve_limits(manifest, limits)
     assert resolved.max_context is not None and resolved.max_visual_tokens is not None
     return TensorRTInfo(

@@ -1,0 +1,60 @@
+"""``rlens engines OUT_DIR``: build (or rebuild) an artifact's TensorRT engines on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = (
+    "Build a TensorRT engine per graph of an artifact directory on this machine's GPU, from the ONNX "
+    "graphs already there, and record them in rlens.json. For an artifact exported on another machine "
+    "(a CPU build box, CI) with `--target tensorrt`, or whose engines were built for another TensorRT "
+    "release or GPU (the runtime refuses those): the checkpoint is not needed. Bounds not given keep the "
+    "ones the artifact's engines were built with, else the model's. Needs the tensorrt package and an "
+    "NVIDIA GPU; the engines replace the old ones only once all are built."
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "engines", help="build an artifact's TensorRT engines on this machine", description=DESCRIPTION
+    )
+    p.add_argument("artifact_dir", metavar="OUT_DIR", help="directory written by `rlens export`")
+    p.add_argument("--max-batch", type=int, metavar="N", help="largest batch (default: as built, else 1)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="longest prompt plus answer (default: as built, else the model's)",
+    )
+    p.add_argument(
+        "--max-visual-tokens",
+        type=int,
+        metavar="N",
+        help="image-feature rows per image (default: as built, else the vision graph's, TRIM's V + 1)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlens.exporter.export import build_tensorrt_engines
+    from rlens.manifest import read_manifest
+    from rlens.tensorrt.engines import EngineLimits
+
+    directory = Path(args.artifact_dir)
+    manifest = read_manifest(directory)
+    built = manifest.tensorrt
+    limits = EngineLimits(
+        args.max_batch or (built.max_batch if built else 1),
+        args.max_context or (built.max_context if built else None),
+        args.max_visual_tokens or (built.max_visual_tokens if built else None),
+    )
+    t = build_tensorrt_engines(directory, manifest, limits).tensorrt
+    assert t is not None
+    print(
+        f"TensorRT {t.version} engines for {t.gpu} (compute {t.compute_capability}) in {directory}: "
+        f"{', '.join(t.engines.values())}; batch <= {t.max_batch}, context <= {t.max_context}"
+    )
+    return 0
