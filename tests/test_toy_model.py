@@ -23,6 +23,7 @@ from rlens.eval import evaluate_artifact
 from rlens.exporter.layer_ranking import read_ranking
 from rlens.manifest import read_manifest
 from rlens.tensorrt.check import check_artifact
+from rlens.tensorrt.engines import missing_requirement
 from rlens.tensorrt.support import parse_target
 from rlens.toy.data import toy_set, write_jsonl
 
@@ -99,9 +100,17 @@ def test_ranked_order_beats_the_reverse_at_half_the_layers(reduction: str, tmp_p
     assert accuracy["ranked"] > accuracy["reverse"] + 0.03, accuracy
 
 
-def test_toy_graphs_pass_the_tensorrt_check(toy_artifact: Path) -> None:
+def test_toy_graphs_pass_the_tensorrt_check(toy_artifact: Path, tmp_path: Path) -> None:
     report = check_artifact(toy_artifact, parse_target("10.15"))
     assert report.ok, [p.line() for p in report.problems]
+    # what a TensorRT deployment exports: fp16, the ranked reductions, TRIM, the span read from a shape
+    out = tmp_path / "toy-trt16"
+    flags = ["--precision", "fp16", "--hollow-layers", "4", "--ffn-layers", "4", "--clip-model", "toy", "-q"]
+    code = rlens_main(["export", "toy", "-o", str(out), *flags, "--target", "tensorrt"])
+    assert code == (0 if missing_requirement() is None else 1)  # no engines without TensorRT and a GPU
+    report = check_artifact(out, parse_target("10.15"))
+    assert report.ok and not any(g.notes for g in report.graphs), [p.line() for p in report.problems]
+    assert {g.name for g in report.graphs} == {"vision", "embedding", "decoder", "trim"}
 
 
 def test_export_toy_uses_the_shipped_ranking(tmp_path: Path) -> None:
