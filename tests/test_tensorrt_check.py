@@ -302,6 +302,8 @@ def test_engine_build_without_tensorrt_stops_with_a_clear_message(exported: dict
     if missing_requirement() is None:
         pytest.skip("tensorrt and a GPU are here: the GPU tests build engines")
     artifact = exported["llama"].artifact  # unreduced: a graph set TensorRT could build
-    with pytest.raises(RlensError, match="TensorRT engines need the tensorrt package and an NVIDIA GPU"):
-        build_engines(artifact, read_manifest(artifact))
+    with pytest.raises(RlensError, match="TensorRT engines need the tensorrt package and an NVIDIA GPU") as e:
+        build_engines(artifact, read_manifest(artifact), EngineLimits(4, 256))
+    # the command to run where TensorRT is, with the bounds this build was asked for
+    assert str(e.value).endswith(f"`rlens engines {artifact} --max-batch 4 --max-context 256`")
     assert not list(artifact.glob("*.engine"))

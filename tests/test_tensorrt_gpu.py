@@ -75,7 +75,8 @@ def test_toy_engines_match_the_cpu_pipeline(tmp_path: Path) -> None:
 def test_engines_from_another_tensorrt_release_are_refused_then_rebuilt(
     exported: dict[str, Exported], tmp_path: Path
 ) -> None:
-    artifact = export_with_engines(str(exported["mistral"].checkpoint), tmp_path / "tiny")
+    flags = ["--max-batch", "2", "--max-context", "96"]  # not the defaults: the rebuild must keep them
+    artifact = export_with_engines(str(exported["mistral"].checkpoint), tmp_path / "tiny", *flags)
     manifest = read_manifest(artifact)
     assert manifest.tensorrt is not None
     write_manifest(replace(manifest, tensorrt=replace(manifest.tensorrt, version="9.0.0.0")), artifact)

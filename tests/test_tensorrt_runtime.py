@@ -415,3 +415,40 @@ def test_engines_command_refuses_an_onnxruntime_only_artifact(
     assert err.count("\n") == 1 and "export again with `--target tensorrt`" in err
     assert ("the ONNX Runtime track's" if kind == "reduced" else "MatMulNBits") in err
     assert not list(artifact.glob("*.engine"))
+
+
+def test_a_rebuild_replaces_engines_and_record_together_or_not_at_all(
+    exported: dict[str, Exported], tmp_path: Path, machine: FakeTensorRT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build path with TensorRT's builder stubbed: the second graph fails, then every graph builds."""
+    from types import SimpleNamespace
+
+    import rlens.tensorrt.check
+
+    artifact = fake_build(copy_of(exported["llama"].artifact, tmp_path))
+    files = lambda: {p.name: p.read_bytes() for p in artifact.iterdir() if p.is_file()}  # noqa: E731
+    before = files()
+    monkeypatch.setattr(engines, "missing_requirement", lambda: None)
+    monkeypatch.setattr(rlens.tensorrt.check, "check_artifact", lambda *a, **k: SimpleNamespace(ok=True))
+    monkeypatch.setattr(machine, "Builder", lambda logger: object(), raising=False)
+    built: list[str] = []
+
+    def fail_on_the_second(*args: object) -> bytes:  # _build_one(trt, builder, logger, onnx, name, ...)
+        name = args[4]
+        if built:
+            raise RlensError(f"TensorRT refused the {name} graph")
+        built.append(name)
+        return f"plan of {name}".encode()
+
+    monkeypatch.setattr(engines, "_build_one", fail_on_the_second)
+    assert rlens_main(["engines", str(artifact)]) == 1
+    assert files() == before  # old engines and rlens.json as they were, no partial file left
+
+    monkeypatch.setattr(engines, "_build_one", lambda *a: f"plan of {a[4]}".encode())
+    assert rlens_main(["engines", str(artifact), "-q", "--max-batch", "3"]) == 0
+    record = read_manifest(artifact).tensorrt
+    assert record is not None and record.max_batch == 3 and record.version == VERSION
+    # bounds not given keep the ones the engines were built with
+    assert record.max_context == json.loads(before["rlens.json"])["tensorrt"]["max_context"]
+    assert (artifact / "vision.engine").read_bytes() == b"plan of vision"
+    assert not [p for p in artifact.iterdir() if p.name.endswith(".partial")]

@@ -4,8 +4,8 @@
 
 1. Writes the held-out set (``toy_set(--eval-n, seed 0)``, what ``rlens eval --toy-set N --seed 0``
    writes) and a calibration set (``--calib-n`` questions, seed 1).
-2. With ``--rank``: ranks the toy LLaVA's layers on the calibration set (in ``WORK/ranking.json``,
-   resumed after an interruption, made anew when its inputs changed) and installs the ranking as
+2. With ``--rank``: ranks the toy LLaVA's layers on the calibration set anew (in
+   ``WORK/ranking.json``) and installs the ranking as
    ``rlens/toy/weights/llava/ranking.json`` (what ``rlens export toy --ffn-layers N`` uses).
 3. Exports and evaluates, each through ``rlens.exporter.export`` and ``rlens.eval`` (so through the
    ONNX pipeline a user runs):
@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from rlens import toy
-from rlens.errors import RlensError
 from rlens.eval import evaluate_artifact
 from rlens.exporter.export import ExportOptions, export
 from rlens.exporter.layer_ranking import rank_layers, read_ranking
@@ -243,19 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     ranking = toy.resolve(toy.TOY) / "ranking.json"
     if args.rank or not ranking.exists():
         log("ranking layers")
-        # ranked in the work folder, so an interrupted run resumes; a ranking left there from other
-        # inputs (a retrained model, a changed generator) is this tool's own scratch: rank anew
+        # ranked anew in the work folder, then installed: a ranking's fingerprint names the model by its
+        # config and weight sizes, so one left from a retrained model of the same shape would pass
         scratch = args.work / "ranking.json"
-        settings = dict(
-            hollow_window=args.hollow_window, ffn_keep=args.ffn_keep, probe_every=args.probe_every
+        scratch.unlink(missing_ok=True)
+        rank_layers(
+            toy.TOY,
+            calib,
+            scratch,
+            hollow_window=args.hollow_window,
+            ffn_keep=args.ffn_keep,
+            probe_every=args.probe_every,
         )
-        try:
-            rank_layers(toy.TOY, calib, scratch, **settings)
-        except RlensError as e:
-            if "holds a ranking made with a different" not in str(e):
-                raise
-            scratch.unlink()
-            rank_layers(toy.TOY, calib, scratch, **settings)
         shutil.copyfile(scratch, ranking)
     order = orders(ranking, seed=0)
     n_layers = len(order["ffn"]["ranked"])

@@ -7,10 +7,12 @@ import argparse
 DESCRIPTION = (
     "Build a TensorRT engine per graph of an artifact directory on this machine's GPU, from the ONNX "
     "graphs already there, and record them in rlens.json. For an artifact exported on another machine "
-    "(a CPU build box, CI) with `--target tensorrt`, or whose engines were built for another TensorRT "
-    "release or GPU (the runtime refuses those): the checkpoint is not needed. Bounds not given keep the "
-    "ones the artifact's engines were built with, else the model's. Needs the tensorrt package and an "
-    "NVIDIA GPU; the engines replace the old ones only once all are built."
+    "(a CPU build box, CI) with `--target tensorrt` (or unreduced, at fp32 or fp16: those graphs are the "
+    "same on both tracks), or whose engines were built for another TensorRT release or GPU (the runtime "
+    "refuses those): the checkpoint is not needed. Bounds not given keep the ones the artifact's engines "
+    "were built with, else the model's (an export that could not build engines prints the command with "
+    "the bounds it was given). Needs the tensorrt package and an NVIDIA GPU; the engines replace the old "
+    "ones only once all are built, so a rebuild needs room for both sets."
 )
 
 
@@ -46,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.artifact_dir)
     manifest = read_manifest(directory)
     built = manifest.tensorrt
-    limits = EngineLimits(
-        args.max_batch or (built.max_batch if built else 1),
-        args.max_context or (built.max_context if built else None),
-        args.max_visual_tokens or (built.max_visual_tokens if built else None),
+    limits = EngineLimits(  # a bound given as 0 stays 0, for resolve_limits to refuse
+        args.max_batch if args.max_batch is not None else (built.max_batch if built else 1),
+        args.max_context if args.max_context is not None else (built.max_context if built else None),
+        args.max_visual_tokens
+        if args.max_visual_tokens is not None
+        else (built.max_visual_tokens if built else None),
     )
     t = build_tensorrt_engines(directory, manifest, limits).tensorrt
     assert t is not None

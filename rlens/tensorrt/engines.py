@@ -18,14 +18,15 @@ RlensError that says what is missing; the ONNX graphs are untouched.
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlens.errors import RlensError
-from rlens.manifest import TensorRTInfo
+from rlens.manifest import TensorRTInfo, write_manifest
 
 if TYPE_CHECKING:
     from rlens.manifest import Manifest, TensorInfo
@@ -49,6 +50,20 @@ class EngineLimits:
     """Prompt plus generated tokens; default the model's ``max_context``."""
     max_visual_tokens: int | None = None
     """Image-feature rows per image; default the vision graph's (TRIM: its V + 1 maximum)."""
+
+    def flags(self) -> str:
+        """These bounds as ``rlens engines`` options (the defaults left out)."""
+        parts = [f"--max-batch {self.max_batch}"] if self.max_batch != 1 else []
+        if self.max_context is not None:
+            parts.append(f"--max-context {self.max_context}")
+        if self.max_visual_tokens is not None:
+            parts.append(f"--max-visual-tokens {self.max_visual_tokens}")
+        return "".join(f" {p}" for p in parts)
+
+
+def engines_command(directory: Path, limits: EngineLimits | None = None) -> str:
+    """The command that builds this artifact's engines, ready to paste (the path shell-quoted)."""
+    return f"rlens engines {shlex.quote(str(directory))}{limits.flags() if limits else ''}"
 
 
 @dataclass(frozen=True)
@@ -171,7 +186,8 @@ def refuse_onnxruntime_track(manifest: Manifest, directory: Path) -> None:
     Its reduced decoder sizes the visual span from input values (``visual_start``), where TensorRT
     needs sizes from shapes, and its int8/int4 weights are ONNX Runtime's ``MatMulNBits``.
     """
-    again = f"export again with `--target tensorrt` (into a new directory, or over '{directory}')"
+    over = shlex.quote(str(directory))
+    again = f"export again with `--target tensorrt` (into a new directory, or over {over})"
     if manifest.precision in ("int8", "int4"):
         raise RlensError(
             f"'{directory}' holds {manifest.precision} graphs (ONNX Runtime's MatMulNBits), which TensorRT "
@@ -207,7 +223,8 @@ def build_engines(
     if missing is not None:
         raise RlensError(
             f"TensorRT engines need the tensorrt package and an NVIDIA GPU: {missing}. The ONNX graphs "
-            f"in '{directory}' are complete; build the engines where both are"
+            f"in '{directory}' are complete; build the engines where both are: "
+            f"`{engines_command(directory, limits)}`"
         )
     import tensorrt as trt
 
@@ -241,6 +258,9 @@ def build_engines(
         for partial in partials:
             partial.unlink(missing_ok=True)
         raise
+    # between the renames old and new engines sit side by side: record none until the caller records
+    # the new ones, so a crash here leaves "no engines" (rebuild) rather than a mismatched record
+    write_manifest(replace(manifest, tensorrt=None), directory)
     for partial, engine in zip(partials, engines.values(), strict=True):
         partial.replace(directory / engine)
     resolved = resolve_limits(manifest, limits)

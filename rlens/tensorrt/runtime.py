@@ -80,7 +80,8 @@ def refuse_incompatible(
         f"the TensorRT engines in '{artifact_dir}' were built with TensorRT {built[0]} for {built[1]} "
         f"(compute capability {built[2]}), and this machine has TensorRT {here[0]} and {here[1]} "
         f"({here[2]}); TensorRT runs an engine only with the release and GPU it was built for: rebuild "
-        f"them here with `rlens engines {artifact_dir}` (the graphs are enough), or use --provider cuda"
+        f"them here with `{engines.engines_command(Path(artifact_dir))}` (the graphs are enough), or use "
+        "--provider cuda"
     )
 
 
@@ -124,7 +125,7 @@ class Engines:
         if info is None:
             raise RlensError(
                 f"'{self.directory}' has no TensorRT engines; build them on the GPU machine with "
-                f"`rlens engines {self.directory}` (an artifact exported with `--target tensorrt`)"
+                f"`{engines.engines_command(self.directory)}`"
             )
         self.info = info
         missing = engines.missing_requirement()
@@ -150,7 +151,7 @@ class Engines:
 
     def open(self, name: str) -> EngineSession:
         """Deserialize ``<name>.engine`` and give it a session; every failure says to rebuild."""
-        rebuild = f"rebuild them on this machine: `rlens engines {self.directory}`"
+        rebuild = f"rebuild them on this machine: `{engines.engines_command(self.directory)}`"
         file = self.info.engines.get(name)
         if file is None or not (self.directory / file).is_file():
             raise RlensError(
@@ -284,8 +285,9 @@ class EngineSession:
             summary = ", ".join(f"{n} {list(s)}" for n, s in shapes.items() if not n.startswith(cache))
             raise RlensError(
                 f"the {self.name} engine was built for at most {self.owner.bounds()}, and this call "
-                f"({summary}) exceeds that; rebuild them with `rlens engines {self.owner.directory}` and "
-                "larger --max-batch, --max-context or --max-visual-tokens"
+                f"({summary}) exceeds that; rebuild them with "
+                f"`{engines.engines_command(self.owner.directory)}` and larger --max-batch, --max-context or "
+                "--max-visual-tokens"
             )
         if index != self.profile:
             handle = self.stream.cuda_stream if self.stream is not None else 0
