@@ -52,6 +52,7 @@ def execution_providers(provider: str) -> list[str]:
 
 def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSession:
     """One inference session; a missing or corrupt graph becomes a one-line RlensError."""
+    providers = execution_providers(provider)  # refuses a provider this onnxruntime lacks, first
     if provider != "cpu":
         _preload_cuda_libraries()
     options = ort.SessionOptions()
@@ -60,9 +61,7 @@ def open_session(path: Path, provider: str, threads: int = 0) -> ort.InferenceSe
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=execution_providers(provider))
-    except RlensError:
-        raise
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # ORT raises its own exception types for unreadable models
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RlensError(f"cannot load graph '{path}': {reason[:300]}; re-export the model") from e
