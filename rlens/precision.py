@@ -16,6 +16,13 @@ them, so it validates there but is not fast there."""
 FLOAT_BYTES: dict[str, float] = {"fp32": 4.0, "fp16": 2.0}
 """Bytes per weight of the float precisions."""
 
+
+def is_quantized(precision: str) -> bool:
+    """Whether ``precision`` stores MatMul weights as ONNX Runtime's ``MatMulNBits`` blocks (not for
+    TensorRT, whose graphs hold standard ONNX operators only)."""
+    return PRECISIONS[precision] is not None
+
+
 BLOCK_SIZE: dict[str, int] = {"int8": 128, "int4": 32}
 """Weights per scale and zero point along K: accuracy where bits are scarce, speed where they are not.
 

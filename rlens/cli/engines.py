@@ -39,8 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
     from pathlib import Path
 
+    from rlens.cli.export import describe_engines
     from rlens.exporter.export import build_tensorrt_engines
     from rlens.manifest import read_manifest
     from rlens.tensorrt.engines import EngineLimits
@@ -48,17 +50,17 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.artifact_dir)
     manifest = read_manifest(directory)
     built = manifest.tensorrt
-    limits = EngineLimits(  # a bound given as 0 stays 0, for resolve_limits to refuse
-        args.max_batch if args.max_batch is not None else (built.max_batch if built else 1),
-        args.max_context if args.max_context is not None else (built.max_context if built else None),
-        args.max_visual_tokens
-        if args.max_visual_tokens is not None
-        else (built.max_visual_tokens if built else None),
+    as_built = (
+        EngineLimits(built.max_batch, built.max_context, built.max_visual_tokens) if built else EngineLimits()
     )
+    given = {
+        "max_batch": args.max_batch,
+        "max_context": args.max_context,
+        "max_visual_tokens": args.max_visual_tokens,
+    }
+    # a bound given as 0 stays 0, for resolve_limits to refuse
+    limits = replace(as_built, **{name: value for name, value in given.items() if value is not None})
     t = build_tensorrt_engines(directory, manifest, limits).tensorrt
     assert t is not None
-    print(
-        f"TensorRT {t.version} engines for {t.gpu} (compute {t.compute_capability}) in {directory}: "
-        f"{', '.join(t.engines.values())}; batch <= {t.max_batch}, context <= {t.max_context}"
-    )
+    print(f"{describe_engines(t)} (in {directory})")
     return 0

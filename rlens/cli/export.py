@@ -19,7 +19,7 @@ from rlens.cli.tables import print_table
 from rlens.precision import DEFAULT_ATOL
 
 if TYPE_CHECKING:
-    from rlens.manifest import CostInfo
+    from rlens.manifest import CostInfo, TensorRTInfo
     from rlens.reductions import Reductions
 
 DESCRIPTION = (
@@ -158,12 +158,16 @@ def run(args: argparse.Namespace) -> int:
         )
     print_flops(cost, r)
     if manifest.tensorrt is not None:
-        t = manifest.tensorrt
-        print(
-            f"\nTensorRT {t.version} engines for {t.gpu} (compute {t.compute_capability}): "
-            f"{', '.join(t.engines.values())}; batch <= {t.max_batch}, context <= {t.max_context}"
-        )
+        print(f"\n{describe_engines(manifest.tensorrt)}")
     return 0
+
+
+def describe_engines(t: TensorRTInfo) -> str:
+    """One line on an artifact's engines: what built them, for which GPU, within which bounds."""
+    return (
+        f"TensorRT {t.version} engines for {t.gpu} (compute {t.compute_capability}): "
+        f"{', '.join(t.engines.values())}; batch <= {t.max_batch}, context <= {t.max_context}"
+    )
 
 
 def print_flops(cost: CostInfo, r: Reductions) -> None:

@@ -47,7 +47,7 @@ from rlens.manifest import (
     TrimInfo,
     write_manifest,
 )
-from rlens.precision import DEFAULT_ATOL, PRECISIONS
+from rlens.precision import DEFAULT_ATOL, PRECISIONS, is_quantized
 from rlens.reductions import (
     DEFAULT_FFN_KEEP,
     DEFAULT_HOLLOW_WINDOW,
@@ -163,7 +163,7 @@ def check_precision(options: ExportOptions) -> None:
     """Refuse an unknown precision, or a quantized one for TensorRT (fp16 is fine), before loading."""
     if options.precision not in PRECISIONS:
         raise RlensError(f"--precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if PRECISIONS[options.precision] is not None and options.target != "onnxruntime":
+    if is_quantized(options.precision) and options.target != "onnxruntime":
         raise RlensError(
             f"--precision {options.precision} is for --target onnxruntime: its MatMulNBits is an ONNX "
             "Runtime operator, and the TensorRT track's graphs hold standard ONNX operators only"

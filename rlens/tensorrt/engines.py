@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlens.errors import RlensError
 from rlens.manifest import TensorRTInfo, write_manifest
+from rlens.precision import is_quantized
 
 if TYPE_CHECKING:
     from rlens.manifest import Manifest, TensorInfo
@@ -188,7 +189,7 @@ def refuse_onnxruntime_track(manifest: Manifest, directory: Path) -> None:
     """
     over = shlex.quote(str(directory))
     again = f"export again with `--target tensorrt` (into a new directory, or over {over})"
-    if manifest.precision in ("int8", "int4"):
+    if is_quantized(manifest.precision):
         raise RlensError(
             f"'{directory}' holds {manifest.precision} graphs (ONNX Runtime's MatMulNBits), which TensorRT "
             f"cannot build; {again} at fp32 or fp16"
